@@ -1,0 +1,129 @@
+"""Prompt token ids with each image placeholder expanded into its image token groups.
+
+Gemma3 turns each `<start_of_image>` in a prompt into
+`"\\n\\n" <boi> <image_soft_token>*N <eoi> "\\n\\n"` (with pan-and-scan: the original image and its
+crops, joined by a fixed sentence). The groups are spliced in as token ids, never as text; only
+the text between special tokens is tokenized. A tokenizer splits its input at special tokens and
+encodes the pieces independently, so the ids are exactly those of tokenizing the expanded text,
+including the single tokens for newline runs that the "\\n\\n" around an image joins with the
+user's own newlines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_engine.config import ImageTokenConfig
+from vlm_engine.errors import InvalidPromptError
+from vlm_engine.runtime.forward_context import ImageGroup
+
+_CROPS_INTRO = "Here is the original image "
+_CROPS_MIDDLE = " and here are some crops to help you see better "
+
+
+@dataclass(frozen=True)
+class ImagePlaceholder:
+    """Where one image's embeddings go: its soft-token groups (original, then crops).
+
+    `offset`/`length` cover the first through the last soft token of the image, the text between
+    crops included; the scheduler never splits this range across steps.
+    """
+
+    groups: tuple[ImageGroup, ...]
+
+    @property
+    def offset(self) -> int:
+        return self.groups[0].offset
+
+    @property
+    def length(self) -> int:
+        return self.groups[-1].end - self.offset
+
+    @property
+    def num_embeds(self) -> int:
+        return sum(g.length for g in self.groups)
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    token_ids: list[int]
+    placeholders: list[ImagePlaceholder]
+
+    @property
+    def image_groups(self) -> list[ImageGroup]:
+        return [g for p in self.placeholders for g in p.groups]
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: Any, image_tokens: ImageTokenConfig | None):
+        self.tokenizer = tokenizer
+        self.image_tokens = image_tokens
+        self.bos_token = tokenizer.bos_token
+        if image_tokens is not None:
+            self.boi_text = tokenizer.convert_ids_to_tokens(image_tokens.boi_token_id)
+            self.group_ids = (
+                [image_tokens.boi_token_id]
+                + [image_tokens.image_token_id] * image_tokens.mm_tokens_per_image
+                + [image_tokens.eoi_token_id]
+            )
+            reserved = (image_tokens.image_token_id, image_tokens.eoi_token_id)
+            self.reserved_texts = tokenizer.convert_ids_to_tokens(list(reserved))
+
+    def build(self, text: str, num_crops: Sequence[int] = (), add_bos: bool = True) -> PromptInputs:
+        """Token ids of `text`, whose `<start_of_image>` markers take the images in order."""
+        if not isinstance(text, str):
+            raise InvalidPromptError(f"prompt must be a str, got {type(text).__name__}")
+        segments = self._split_at_images(text, len(num_crops))
+        if add_bos and not text.startswith(self.bos_token):
+            segments[0] = self.bos_token + segments[0]
+        pieces = self._interleave(segments, num_crops)
+        texts = [p for p in pieces if isinstance(p, str)]
+        encoded = (
+            iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else None
+        )
+        token_ids: list[int] = []
+        groups_per_image: list[list[ImageGroup]] = [[] for _ in num_crops]
+        for piece in pieces:
+            if isinstance(piece, str):
+                token_ids += next(encoded)
+                continue
+            start = len(token_ids) + 1  # soft tokens follow the <boi>
+            groups_per_image[piece].append(ImageGroup(start, self.image_tokens.mm_tokens_per_image))
+            token_ids += self.group_ids
+        return PromptInputs(token_ids, [ImagePlaceholder(tuple(g)) for g in groups_per_image])
+
+    def _split_at_images(self, text: str, num_images: int) -> list[str]:
+        if self.image_tokens is None:
+            if num_images:
+                raise InvalidPromptError("this checkpoint is text-only: it cannot take images")
+            return [text]
+        for reserved in self.reserved_texts:
+            if reserved in text:
+                raise InvalidPromptError(
+                    f"prompt contains the reserved token {reserved!r}; "
+                    f"mark each image with {self.boi_text!r} instead"
+                )
+        segments = text.split(self.boi_text)
+        if len(segments) - 1 != num_images:
+            raise InvalidPromptError(
+                f"prompt has {len(segments) - 1} {self.boi_text!r} "
+                f"placeholders for {num_images} images"
+            )
+        return segments
+
+    @staticmethod
+    def _interleave(segments: list[str], num_crops: Sequence[int]) -> list[str | int]:
+        """Text pieces and image indices (one per soft-token group), in prompt order."""
+        pieces: list[str | int] = [segments[0]]
+        for image, (crops, after) in enumerate(zip(num_crops, segments[1:], strict=True)):
+            if crops:
+                pieces[-1] += _CROPS_INTRO
+            pieces[-1] += "\n\n"
+            pieces.append(image)
+            for crop in range(crops):
+                pieces.append("\n\n" + (_CROPS_MIDDLE if crop == 0 else " ") + "\n\n")
+                pieces.append(image)
+            pieces.append("\n\n" + after)
+        return pieces

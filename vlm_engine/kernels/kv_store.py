@@ -1,0 +1,21 @@
+"""Write a step's keys and values into the paged KV cache through the slot mapping."""
+
+import torch
+
+
+def store_kv_ref(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    # key/value: [T, kv_heads, head_dim]  kv_cache: [2, num_blocks, block_size, kv_heads, head_dim]
+    # slot_mapping: [T], slot = block * block_size + offset; negative slots are padding, skipped.
+    flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    flat[0, slots] = key[valid].to(kv_cache.dtype)
+    flat[1, slots] = value[valid].to(kv_cache.dtype)
+
+
+def store_kv(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    store_kv_ref(key, value, kv_cache, slot_mapping)

@@ -1,0 +1,191 @@
+"""Gemma3 decoder and the vision-language model around it.
+
+Modules keep the checkpoint's names (`q_proj`, `pre_feedforward_layernorm`, ...) so that weight
+loading is a rename of prefixes. Inputs are flat token batches: `[T]` ids with a ForwardContext
+that says which sequence each token belongs to and what it may attend to.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_engine.config import ModelConfig, TextConfig
+from vlm_engine.errors import InvalidInputError
+from vlm_engine.kernels.attention import attention
+from vlm_engine.kernels.kv_store import store_kv
+from vlm_engine.kernels.norm import rms_norm
+from vlm_engine.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+from vlm_engine.runtime.forward_context import ForwardContext
+from vlm_engine.vision.projector import Gemma3MultiModalProjector
+from vlm_engine.vision.siglip import SiglipVisionTower
+
+
+class Gemma3RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.attn_scale
+        self.window = config.window(layer_idx)
+        hidden, dim = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * dim, hidden, bias=False)
+        self.q_norm = Gemma3RMSNorm(dim, config.rms_norm_eps)
+        self.k_norm = Gemma3RMSNorm(dim, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
+    ) -> torch.Tensor:
+        # x: [T, hidden] -> [T, hidden]
+        num_tokens = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        if ctx.uses_kv_cache:
+            store_kv(k, v, ctx.kv_caches[self.layer_idx], ctx.slot_mapping)
+        out = attention(q, k, v, ctx, self.layer_idx, self.scale, self.window)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.self_attn = Gemma3Attention(config, layer_idx)
+        self.mlp = Gemma3MLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
+
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
+    ) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos_sin, ctx)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h)
+
+
+class Gemma3TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = Gemma3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.inv_freq: dict[str, torch.Tensor] = {}
+
+    def init_rope(self, device: torch.device) -> None:
+        self.inv_freq = {
+            layer_type: rope_inv_freq(self.config.head_dim, rope.theta, rope.scaling_factor, device)
+            for layer_type, rope in self.config.rope.items()
+        }
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Gemma scales embeddings by sqrt(hidden), the scale rounded to the weight dtype first.
+        weight = self.embed_tokens.weight
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(weight.dtype)
+        return self.embed_tokens(input_ids) * scale.to(weight.device)
+
+    def forward(self, inputs_embeds: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # inputs_embeds: [T, hidden] -> final-normed hidden states [T, hidden]
+        x = inputs_embeds
+        cos_sin = {
+            layer_type: rope_cos_sin(ctx.positions, inv_freq, x.dtype)
+            for layer_type, inv_freq in self.inv_freq.items()
+        }
+        for layer in self.layers:
+            x = layer(x, cos_sin[layer.layer_type], ctx)
+        return self.norm(x)
+
+
+class Gemma3Model(nn.Module):
+    """Gemma3 language model with an optional SigLIP tower and projector (text-only checkpoints)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.language_model = Gemma3TextModel(config.text)
+        self.vision_tower = None
+        self.multi_modal_projector = None
+        if config.is_multimodal:
+            self.vision_tower = SiglipVisionTower(config.vision)
+            self.multi_modal_projector = Gemma3MultiModalProjector(
+                config.vision, config.image_tokens, config.text.hidden_size
+            )
+        if not config.text.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [N, 3, H, W] (one row per image or crop) -> [N, mm_tokens_per_image, hidden]
+        if self.vision_tower is None:
+            raise InvalidInputError("this checkpoint is text-only: it cannot take images")
+        dtype = self.language_model.embed_tokens.weight.dtype
+        patches = self.vision_tower(pixel_values.to(dtype))
+        return self.multi_modal_projector(patches)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, ctx: ForwardContext, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # input_ids: [T]  image_embeds: [num image tokens in input_ids, hidden], in token order
+        # -> hidden states [T, hidden]
+        embeds = self._embed_inputs(input_ids, image_embeds)
+        return self.language_model(embeds, ctx)
+
+    def _embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None):
+        if self.config.image_tokens is None:
+            return self.language_model.embed(input_ids)
+        is_image = input_ids == self.config.image_tokens.image_token_id
+        # Image soft tokens get the vision embeddings, unscaled; their own id may be out of vocab.
+        embeds = self.language_model.embed(input_ids.masked_fill(is_image, 0))
+        num_image_tokens = int(is_image.sum())
+        num_embeds = 0 if image_embeds is None else image_embeds.shape[0]
+        if num_image_tokens != num_embeds:
+            raise InvalidInputError(
+                f"{num_image_tokens} image tokens in the input but {num_embeds} image embeddings"
+            )
+        if num_embeds:
+            embeds[is_image] = image_embeds.to(embeds.dtype)
+        return embeds
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # hidden_states: [N, hidden] -> logits [N, vocab]
+        if self.config.text.tie_word_embeddings:
+            return F.linear(hidden_states, self.language_model.embed_tokens.weight)
+        return self.lm_head(hidden_states)

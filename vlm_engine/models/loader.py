@@ -1,0 +1,145 @@
+"""Load an HF Gemma3 checkpoint (safetensors, single file or sharded) into a Gemma3Model.
+
+The model is built on the meta device and each tensor is read from disk straight onto the
+target device, converted to the target dtype, and put in place: the weights never exist twice.
+Loading is strict: a tensor the model lacks, or a parameter the checkpoint lacks, is an error
+that names them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from vlm_engine.config import ModelConfig
+from vlm_engine.errors import CheckpointError, ConfigError
+from vlm_engine.models.gemma3 import Gemma3Model
+
+logger = logging.getLogger("vlm_engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Checkpoint prefix -> our module prefix, for both Gemma3 name layouts (first match wins).
+_PREFIXES = (
+    ("model.language_model.", "language_model."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "lm_head."),
+)
+_TEXT_ONLY_PREFIXES = (("model.", "language_model."), ("lm_head.", "lm_head."))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
+    """`None`/"auto" takes the checkpoint's dtype (float32 if it names none)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not supported; use one of {list(DTYPES)}")
+        return dtype
+    name = (config.checkpoint_dtype or "float32") if dtype in (None, "auto") else dtype
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; use one of {list(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
+def load_model(
+    config: ModelConfig,
+    checkpoint_dir: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Gemma3Model:
+    checkpoint_dir = Path(checkpoint_dir or config.checkpoint_dir)
+    device, dtype = torch.device(device), resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = Gemma3Model(config)
+    expected = dict(model.named_parameters())
+    loaded, unexpected = set(), []
+    for ckpt_name, tensor in iter_checkpoint(checkpoint_dir, device):
+        name = checkpoint_to_model_name(ckpt_name, config)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(ckpt_name)
+            continue
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{ckpt_name}: shape {tuple(tensor.shape)} in the checkpoint, "
+                f"{tuple(expected[name].shape)} expected by the config"
+            )
+        _set_parameter(model, name, tensor.to(dtype))
+        loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing or unexpected:
+        raise CheckpointError(_mismatch_message(checkpoint_dir, missing, unexpected))
+    model.language_model.init_rope(device)
+    return model.eval()
+
+
+def checkpoint_to_model_name(name: str, config: ModelConfig) -> str | None:
+    """Our parameter name for a checkpoint tensor; None for tensors Gemma3 never uses."""
+    prefixes = _PREFIXES if config.is_multimodal else _TEXT_ONLY_PREFIXES
+    for old, new in prefixes:
+        if name.startswith(old):
+            name = new + name[len(old) :]
+            break
+    if name.startswith("lm_head.") and config.text.tie_word_embeddings:
+        return None  # tied to the embedding: a stored copy is redundant
+    if name.startswith("vision_tower.head."):
+        return None  # SigLIP's attention-pooling head: Gemma3 uses the patch states
+    return name
+
+
+def iter_checkpoint(
+    checkpoint_dir: Path, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in weight_files(checkpoint_dir):
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error type for bad files
+            raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def weight_files(checkpoint_dir: Path) -> list[Path]:
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        files = [checkpoint_dir / f for f in dict.fromkeys(weight_map.values())]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names missing shard files: {', '.join(absent)}")
+        return files
+    single = checkpoint_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {checkpoint_dir}")
+    return files
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _mismatch_message(checkpoint_dir: Path, missing: list[str], unexpected: list[str]) -> str:
+    parts = [f"checkpoint {checkpoint_dir} does not match the model:"]
+    if missing:
+        parts.append(f"parameters with no tensor ({len(missing)}): {', '.join(missing[:20])}")
+    if unexpected:
+        parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    return " ".join(parts)

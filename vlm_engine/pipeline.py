@@ -1,0 +1,115 @@
+"""One checkpoint's model, tokenizer, image processor and prompt builder, loaded together.
+
+`prepare` turns a prompt (text with `<start_of_image>` markers, or chat messages) and its images
+into token ids, image groups and pixels; `forward_logits` runs whole sequences without a cache;
+`generate` decodes greedily over the paged KV cache. The engine builds on the same pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from vlm_engine.config import ModelConfig
+from vlm_engine.frontend.chat import render_chat, split_messages
+from vlm_engine.frontend.prompt import PromptBuilder, PromptInputs
+from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.models.loader import load_model
+from vlm_engine.runtime.forward_context import ForwardContext
+from vlm_engine.runtime.greedy import greedy_decode
+from vlm_engine.vision.image_io import load_image
+from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
+
+
+@dataclass
+class PreparedPrompt:
+    prompt: PromptInputs
+    pixel_values: torch.Tensor | None  # [images + crops, 3, H, W] float32, in prompt order
+
+
+class VisionLanguagePipeline:
+    def __init__(
+        self,
+        config: ModelConfig,
+        model: Gemma3Model,
+        tokenizer: Any,
+        image_processor: Gemma3ImageProcessor | None,
+    ):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.prompt_builder = PromptBuilder(tokenizer, config.image_tokens)
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint_dir: str | Path,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device = "cpu",
+        **processor_overrides: Any,
+    ) -> VisionLanguagePipeline:
+        config = ModelConfig.from_hf(checkpoint_dir)
+        model = load_model(config, checkpoint_dir, dtype=dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        processor = None
+        if config.is_multimodal:
+            proc_config = ImageProcessorConfig.from_pretrained(checkpoint_dir)
+            if processor_overrides:
+                proc_config = proc_config.with_overrides(**processor_overrides)
+            processor = Gemma3ImageProcessor(proc_config)
+        return cls(config, model, tokenizer, processor)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.language_model.embed_tokens.weight.device
+
+    def prepare(
+        self, text: str, images: Sequence[Any] = (), add_bos: bool = True
+    ) -> PreparedPrompt:
+        processed = [self.image_processor.preprocess(load_image(image)) for image in images]
+        prompt = self.prompt_builder.build(text, [p.num_crops for p in processed], add_bos)
+        pixels = torch.cat([p.pixel_values for p in processed]) if processed else None
+        return PreparedPrompt(prompt, pixels)
+
+    def prepare_chat(self, messages: Sequence[dict[str, Any]]) -> PreparedPrompt:
+        rendered, images = split_messages(messages)
+        return self.prepare(render_chat(self.tokenizer, rendered), images, add_bos=False)
+
+    def image_embeds(self, prepared: PreparedPrompt) -> torch.Tensor | None:
+        # -> [images + crops, mm_tokens_per_image, hidden], or None without images
+        if prepared.pixel_values is None:
+            return None
+        return self.model.embed_images(prepared.pixel_values.to(self.device))
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: Sequence[PreparedPrompt]) -> list[torch.Tensor]:
+        """Logits of every position of each prompt, all prompts in one flat forward pass."""
+        ids = torch.tensor([t for p in batch for t in p.prompt.token_ids], device=self.device)
+        embeds = [e.flatten(0, 1) for p in batch if (e := self.image_embeds(p)) is not None]
+        ctx = ForwardContext.full_sequences(
+            [len(p.prompt.token_ids) for p in batch],
+            [p.prompt.image_groups for p in batch],
+            self.device,
+        )
+        logits = self.model.compute_logits(
+            self.model(ids, ctx, torch.cat(embeds) if embeds else None)
+        )
+        return list(logits.split(ctx.query_lens_cpu))
+
+    def generate(self, prepared: PreparedPrompt, max_new_tokens: int, **paging: Any) -> list[int]:
+        tokens, _ = greedy_decode(
+            self.model, prepared.prompt, self.image_embeds(prepared), max_new_tokens, **paging
+        )
+        return tokens
+
+    def generate_chat(self, messages: Sequence[dict[str, Any]], max_new_tokens: int) -> str:
+        tokens = self.generate(self.prepare_chat(messages), max_new_tokens)
+        stop = set(self.config.eos_token_ids)
+        end = next((i for i, t in enumerate(tokens) if t in stop), len(tokens))
+        return self.tokenizer.decode(tokens[:end], skip_special_tokens=True)

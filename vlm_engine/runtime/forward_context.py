@@ -1,0 +1,97 @@
+"""Per-step attention metadata shared by every layer of one forward pass.
+
+A step is a flat batch: the query tokens of several sequences laid end to end (`[T]` tensors),
+sequence i owning rows `query_start_loc[i]:query_start_loc[i+1]`. Its query tokens are the last
+`query_len` positions of a sequence of `seq_len` tokens; the earlier `seq_len - query_len`
+(the context) are already in the paged KV cache.
+
+Masking reduces to two bounds per query token at position p: it sees key positions k with
+`k < kv_limits[token]` (p + 1 for causal tokens; the end of its image group for image tokens,
+which attend bidirectionally inside their group) and, on sliding layers, `k > p - window`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ImageGroup:
+    """A run of image soft tokens that attend to each other: [offset, offset + length)."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor  # [T] int64
+    kv_limits: torch.Tensor  # [T] int64, exclusive upper bound of visible key positions
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    seq_lens: torch.Tensor  # [S] int32
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    slot_mapping: torch.Tensor | None = None  # [T] int64 KV slot per token, -1 = padding
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] int32
+    kv_caches: Sequence[torch.Tensor] | None = (
+        None  # per layer [2, blocks, block_size, kv_heads, dim]
+    )
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def uses_kv_cache(self) -> bool:
+        return self.kv_caches is not None
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        image_groups: Sequence[Sequence[ImageGroup]],
+        device: torch.device,
+        **paged: torch.Tensor | Sequence[torch.Tensor] | None,
+    ) -> ForwardContext:
+        """Positions and masking bounds for a step; `paged` holds the KV-cache fields."""
+        positions, kv_limits = [], []
+        for query_len, seq_len, groups in zip(query_lens, seq_lens, image_groups, strict=True):
+            start = seq_len - query_len
+            seq_positions = list(range(start, seq_len))
+            limits = [p + 1 for p in seq_positions]
+            for group in groups:
+                for p in range(max(group.offset, start), min(group.end, seq_len)):
+                    limits[p - start] = group.end
+            positions += seq_positions
+            kv_limits += limits
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        return cls(
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            kv_limits=torch.tensor(kv_limits, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+            **paged,
+        )
+
+    @classmethod
+    def full_sequences(
+        cls,
+        seq_lens: Sequence[int],
+        image_groups: Sequence[Sequence[ImageGroup]] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> ForwardContext:
+        """Whole sequences in one step with no KV cache (prefill without paging)."""
+        groups = image_groups if image_groups is not None else [()] * len(seq_lens)
+        return cls.build(seq_lens, seq_lens, groups, torch.device(device))

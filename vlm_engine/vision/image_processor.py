@@ -1,0 +1,282 @@
+"""Gemma3 image preprocessing: RGB conversion, pan-and-scan crops, resize, rescale, normalize.
+
+Bit-exact with transformers' PIL-backend Gemma3 image processor: every step makes the same PIL
+call or the same float64/float32 arithmetic, in the same order.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlm_engine.errors import ConfigError, InvalidImageError
+
+PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+
+_RESAMPLE_FILTERS = frozenset(int(f) for f in Image.Resampling)
+_BOOL_FIELDS = ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize", "do_pan_and_scan")
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """How one image becomes pixel values; names follow preprocessor_config.json.
+
+    Every default is what transformers uses when the key is missing or null: the Gemma3 image
+    processor's class attributes (size 224x224 among them; real checkpoints say 896x896), and
+    Gemma3Processor's image defaults for RGB conversion and pan-and-scan.
+    """
+
+    size: tuple[int, int] = (224, 224)  # (height, width)
+    resample: int = int(Image.Resampling.BILINEAR)
+    do_convert_rgb: bool = True
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    do_pan_and_scan: bool = False
+    pan_and_scan_min_crop_size: int = 256
+    pan_and_scan_max_num_crops: int = 4
+    pan_and_scan_min_ratio_to_activate: float = 1.2
+
+    def __post_init__(self) -> None:
+        for name in ("size", "image_mean", "image_std"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        _require(
+            _is_tuple_of(self.size, 2, _is_positive_int),
+            f"size must be (height, width) of positive ints, got {self.size!r}",
+        )
+        _require(
+            _is_int(self.resample) and self.resample in _RESAMPLE_FILTERS,
+            f"resample must be a PIL filter id {sorted(_RESAMPLE_FILTERS)}, got {self.resample!r}",
+        )
+        for name in _BOOL_FIELDS:
+            _require(isinstance(getattr(self, name), bool), f"{name} must be a bool")
+        _require(_is_positive_number(self.rescale_factor), "rescale_factor must be positive")
+        _require(_is_tuple_of(self.image_mean, 3, _is_number), "image_mean must be 3 numbers")
+        _require(
+            _is_tuple_of(self.image_std, 3, _is_positive_number), "image_std must be 3 positives"
+        )
+        self._validate_pan_and_scan()
+
+    def _validate_pan_and_scan(self) -> None:
+        for name in ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops"):
+            _require(_is_positive_int(getattr(self, name)), f"{name} must be a positive int")
+        _require(
+            _is_positive_number(self.pan_and_scan_min_ratio_to_activate),
+            "pan_and_scan_min_ratio_to_activate must be positive",
+        )
+        _require(
+            self.do_resize or not self.do_pan_and_scan,
+            "do_pan_and_scan needs do_resize: crops of different sizes cannot be batched",
+        )
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "ImageProcessorConfig":
+        """Build from a preprocessor_config.json dict; missing or null keys take the defaults.
+
+        Keys this processor does not use (``image_processor_type``, ``image_seq_length``, ...)
+        are ignored.
+        """
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"image processor config must be a dict, got {type(config).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {name: config[name] for name in names if config.get(name) is not None}
+        if "size" in values:
+            values["size"] = _size_from_json(values["size"])
+        for name in ("image_mean", "image_std"):
+            if _is_number(values.get(name)):
+                values[name] = (values[name],) * 3
+        return cls(**values)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | os.PathLike[str]) -> "ImageProcessorConfig":
+        """Read ``preprocessor_config.json`` from a checkpoint directory."""
+        path = Path(checkpoint_dir) / PREPROCESSOR_CONFIG_FILE
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found: the checkpoint has no image processor") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from e
+        try:
+            return cls.from_dict(config)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+    def with_overrides(self, **overrides: Any) -> "ImageProcessorConfig":
+        """A copy with some fields replaced; unknown names raise TypeError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown image processor option(s) {unknown}; valid: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """Model-ready pixels of one image: the whole image first, then its pan-and-scan crops."""
+
+    pixel_values: torch.Tensor  # [num_crops + 1, 3, H, W] float32
+    num_crops: int
+
+
+class Gemma3ImageProcessor:
+    """One PIL image -> Gemma3 pixel values, bit-exact with transformers' PIL backend.
+
+    ``preprocess(image)`` is ``normalize(preprocess_uint8(image))``: the uint8 half is PIL work
+    on the CPU; the float half is a table lookup that gives the same bits on any device.
+    """
+
+    def __init__(self, config: ImageProcessorConfig) -> None:
+        self.config = config
+        self._table = torch.from_numpy(_normalization_table(config))  # [3, 256] float32
+
+    def num_crops(self, width: int, height: int) -> int:
+        """Pan-and-scan crops an image of this size gets (0 when off or not worth it)."""
+        _check_image_size(width, height)
+        cfg = self.config
+        if not cfg.do_pan_and_scan:
+            return 0
+        long_side, short_side = max(width, height), min(width, height)
+        # Float expressions as in transformers, so rounding at the thresholds agrees.
+        if long_side / short_side < cfg.pan_and_scan_min_ratio_to_activate:
+            return 0
+        num = int(math.floor(long_side / short_side + 0.5))
+        num = min(num, int(math.floor(long_side / cfg.pan_and_scan_min_crop_size)))
+        num = min(cfg.pan_and_scan_max_num_crops, max(2, num))
+        crop_long_side = int(math.ceil(long_side / num))
+        if min(crop_long_side, short_side) < cfg.pan_and_scan_min_crop_size:
+            return 0
+        return num
+
+    def preprocess(self, image: Image.Image) -> ProcessedImage:
+        """Pixel values of the image and its crops: float32 ``[num_crops + 1, 3, H, W]``."""
+        pixels, num_crops = self.preprocess_uint8(image)
+        return ProcessedImage(pixel_values=self.normalize(pixels), num_crops=num_crops)
+
+    def preprocess_uint8(self, image: Image.Image) -> tuple[torch.Tensor, int]:
+        """Resized uint8 pixels ``[num_crops + 1, 3, H, W]`` (image, then crops) and num_crops."""
+        pixels = self._rgb_pixels(image)  # [h, w, 3] uint8
+        height, width = pixels.shape[:2]
+        num_crops = self.num_crops(width, height)
+        views = [pixels, *_pan_and_scan_crops(pixels, num_crops)]
+        if self.config.do_resize:
+            views = [self._resize(view) for view in views]
+        batch = torch.from_numpy(np.stack(views))  # [n, H, W, 3]
+        return batch.permute(0, 3, 1, 2).contiguous(), num_crops
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[..., 3, H, W]`` -> float32 of the same shape, on the device of ``pixels``.
+
+        The table holds, per channel, what transformers computes for each byte value (rescale
+        in float64, cast to float32, normalize in float32), so a lookup reproduces it exactly.
+        """
+        if pixels.dtype != torch.uint8 or pixels.dim() < 3 or pixels.shape[-3] != 3:
+            raise ValueError(
+                f"expected uint8 [..., 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        table = self._table.to(pixels.device).flatten()  # [3 * 256]
+        offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=pixels.device)
+        index = pixels.to(torch.int32) + offsets.view(3, 1, 1)  # [..., 3, H, W]
+        return table.index_select(0, index.flatten()).view(pixels.shape)
+
+    def _rgb_pixels(self, image: Image.Image) -> np.ndarray:
+        if not isinstance(image, Image.Image):
+            raise InvalidImageError(f"expected a PIL image, got {type(image).__name__}")
+        _check_image_size(image.width, image.height)
+        try:
+            if self.config.do_convert_rgb and image.mode != "RGB":
+                image = image.convert("RGB")  # PIL's conversion, as transformers does it
+            pixels = np.asarray(image)
+        except (OSError, ValueError) as e:
+            raise InvalidImageError(f"cannot decode image pixels: {e}") from e
+        if image.mode != "RGB":
+            raise InvalidImageError(
+                f"image mode {image.mode!r} is not RGB and do_convert_rgb is off"
+            )
+        return pixels  # [h, w, 3] uint8
+
+    def _resize(self, pixels: np.ndarray) -> np.ndarray:
+        # [h, w, 3] -> [H, W, 3] uint8
+        height, width = self.config.size
+        image = Image.fromarray(pixels)
+        resized = image.resize((width, height), resample=self.config.resample, reducing_gap=None)
+        return np.asarray(resized)
+
+
+def _pan_and_scan_crops(pixels: np.ndarray, num_crops: int) -> list[np.ndarray]:
+    """Views of ``pixels`` [h, w, 3] cut along the long side; the last crop may be shorter."""
+    if num_crops == 0:
+        return []
+    height, width = pixels.shape[:2]
+    crop = int(math.ceil(max(width, height) / num_crops))
+    starts = range(0, num_crops * crop, crop)
+    if width >= height:
+        return [pixels[:, start : start + crop] for start in starts]
+    return [pixels[start : start + crop] for start in starts]
+
+
+def _normalization_table(config: ImageProcessorConfig) -> np.ndarray:
+    """float32 [3, 256]: the output value of each channel for each byte value."""
+    levels = np.arange(256, dtype=np.uint8)
+    values = levels.astype(np.float32)
+    if config.do_rescale:
+        values = (levels.astype(np.float64) * config.rescale_factor).astype(np.float32)
+    values = np.broadcast_to(values, (3, 256))
+    if config.do_normalize:
+        mean = np.asarray(config.image_mean, dtype=np.float32).reshape(3, 1)
+        std = np.asarray(config.image_std, dtype=np.float32).reshape(3, 1)
+        values = (values - mean) / std  # float32 arithmetic, as in transformers
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _check_image_size(width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(f"zero-size image ({width}x{height}) cannot be processed")
+
+
+def _size_from_json(size: Any) -> tuple[int, int]:
+    if _is_int(size):
+        return (size, size)
+    extra = isinstance(size, Mapping) and any(
+        v is not None for k, v in size.items() if k not in ("height", "width")
+    )
+    if not isinstance(size, Mapping) or extra or "height" not in size or "width" not in size:
+        raise ConfigError(f'size must be {{"height": H, "width": W}}, got {size!r}')
+    return (size["height"], size["width"])
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _is_tuple_of(value: Any, length: int, check: Callable[[Any], bool]) -> bool:
+    return isinstance(value, tuple) and len(value) == length and all(check(v) for v in value)
