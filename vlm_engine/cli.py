@@ -38,6 +38,12 @@ def image_paths(sources: list[str]) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from vlm_engine.pipeline import VisionLanguagePipeline
 
+    if args.model is None:
+        print(
+            "note: the built-in demo checkpoint has random weights until a trained one ships, "
+            "so its answers are noise; pass --model DIR for a real Gemma3 checkpoint.",
+            file=sys.stderr,
+        )
     pipeline = VisionLanguagePipeline.load(
         args.model or default_model_dir(), dtype=args.dtype, device=args.device
     )
