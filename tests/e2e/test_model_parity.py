@@ -6,6 +6,8 @@ Prompt token ids and pixels must be identical; logits must agree to a relative e
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,8 @@ from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.testing import make_tiny_checkpoint
 
 REL_TOL = 1e-4
+# The same tests run on a GPU with VLM_TEST_DEVICE=cuda (float32 there too).
+DEVICE = os.environ.get("VLM_TEST_DEVICE", "cpu")
 WORDS = [
     "the",
     "red",
@@ -37,6 +41,7 @@ WORDS = [
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ours, ref = ours.float().cpu(), ref.float().cpu()
     return float((ours - ref).abs().max() / ref.abs().max())
 
 
@@ -57,7 +62,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(checkpoint):
-    return VisionLanguagePipeline.load(checkpoint, dtype="float32")
+    return VisionLanguagePipeline.load(checkpoint, dtype="float32", device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +70,13 @@ def hf(checkpoint):
     model = Gemma3ForConditionalGeneration.from_pretrained(
         checkpoint, dtype=torch.float32, attn_implementation="eager"
     )
-    return model.eval(), AutoProcessor.from_pretrained(checkpoint)
+    # Our processor reproduces transformers' PIL backend (its default without torchvision).
+    return model.to(DEVICE).eval(), AutoProcessor.from_pretrained(checkpoint, backend="pil")
 
 
 def hf_inputs(processor, text, images, **kwargs):
-    return processor(text=text, images=images or None, return_tensors="pt", **kwargs)
+    inputs = processor(text=text, images=images or None, return_tensors="pt", **kwargs)
+    return inputs.to(DEVICE)
 
 
 @torch.inference_mode()
@@ -99,20 +106,22 @@ def test_logits_match_transformers(case, ours, hf):
     prepared = ours.prepare(text, images)
     assert prepared.prompt.token_ids == inputs["input_ids"][0].tolist()
     if images:
-        assert torch.equal(prepared.pixel_values, inputs["pixel_values"])
+        assert torch.equal(prepared.pixel_values, inputs["pixel_values"].cpu())
     (logits,) = ours.forward_logits([prepared])
     assert rel_err(logits, hf_logits(hf[0], inputs)) <= REL_TOL
 
 
 def test_pan_and_scan_matches_transformers(checkpoint, hf):
-    ours = VisionLanguagePipeline.load(checkpoint, dtype="float32", do_pan_and_scan=True)
+    ours = VisionLanguagePipeline.load(
+        checkpoint, dtype="float32", device=DEVICE, do_pan_and_scan=True
+    )
     text = "Look: <start_of_image> and then <start_of_image> done."
     images = [random_image(96, 30, 6), random_image(24, 70, 7)]
     inputs = hf_inputs(hf[1], text, images, do_pan_and_scan=True, pan_and_scan_min_crop_size=8)
     prepared = ours.prepare(text, images)
     assert [len(p.groups) for p in prepared.prompt.placeholders] == [4, 4]  # 3 crops + original
     assert prepared.prompt.token_ids == inputs["input_ids"][0].tolist()
-    assert torch.equal(prepared.pixel_values, inputs["pixel_values"])
+    assert torch.equal(prepared.pixel_values, inputs["pixel_values"].cpu())
     (logits,) = ours.forward_logits([prepared])
     assert rel_err(logits, hf_logits(hf[0], inputs)) <= REL_TOL
 
@@ -129,8 +138,16 @@ def test_chat_matches_transformers(ours, hf):
             ],
         },
     ]
-    inputs = hf[1].apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    inputs = (
+        hf[1]
+        .apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        .to(DEVICE)
     )
     prepared = ours.prepare_chat(messages)
     assert prepared.prompt.token_ids == inputs["input_ids"][0].tolist()
@@ -156,9 +173,9 @@ def test_masks_matter(ours, hf):
     images = [random_image(*size) for size in sizes]
     prepared = ours.prepare(text, images)
     ref = hf_logits(hf[0], hf_inputs(hf[1], text, images))
-    ids = torch.tensor(prepared.prompt.token_ids)
+    ids = torch.tensor(prepared.prompt.token_ids, device=DEVICE)
     embeds = ours.image_embeds(prepared).flatten(0, 1)
-    causal_only = ForwardContext.full_sequences([len(ids)], [[]])
+    causal_only = ForwardContext.full_sequences([len(ids)], [[]], DEVICE)
     logits = ours.model.compute_logits(ours.model(ids, causal_only, embeds))
     assert rel_err(logits, ref) > 1e-3
     windows = [layer.self_attn.window for layer in ours.model.language_model.layers]
@@ -212,15 +229,15 @@ def test_paged_greedy_matches_transformers_generate(block_size, chunk_size, ours
 
 def test_text_only_checkpoint_matches_transformers(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "text", seed=3, text_only=True)
-    ours = VisionLanguagePipeline.load(path, dtype="float32")
+    ours = VisionLanguagePipeline.load(path, dtype="float32", device=DEVICE)
     model = Gemma3ForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager"
-    )
+    ).to(DEVICE)
     text = long_text(80, 9)
     ids = ours.tokenizer(text, return_tensors="pt")["input_ids"]
     prepared = ours.prepare(text)
     assert prepared.prompt.token_ids == ids[0].tolist()
     (logits,) = ours.forward_logits([prepared])
     with torch.inference_mode():
-        ref = model(input_ids=ids).logits[0]
+        ref = model(input_ids=ids.to(DEVICE)).logits[0]
     assert rel_err(logits, ref) <= REL_TOL

@@ -337,7 +337,7 @@ def test_config_from_real_gemma3_json_applies_processor_defaults():
 
 def test_from_pretrained_matches_auto_image_processor(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(GEMMA3_PREPROCESSOR_CONFIG))
-    hf = AutoImageProcessor.from_pretrained(tmp_path)
+    hf = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     assert isinstance(hf, Gemma3ImageProcessorPil)
     # RGB input: loaded alone, the HF image processor keeps the null do_convert_rgb (no
     # conversion); only Gemma3Processor's call-time defaults turn it on.
