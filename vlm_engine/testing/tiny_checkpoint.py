@@ -138,6 +138,13 @@ def make_tiny_checkpoint(
     return path
 
 
+# (1 + w) ~ 4 on the residual branches and the final norm, and small embeddings: the layers'
+# outputs outweigh the input embedding in the residual stream, so a random model does not just
+# repeat its last token (tied embeddings favour it), while the logits keep an O(1) spread.
+POST_NORM_MEAN = 3.0
+EMBED_STD = 0.3
+
+
 class _Sampler:
     """Draws every tensor from one local generator, in float32, then casts to the checkpoint dtype."""
 
@@ -153,8 +160,8 @@ class _Sampler:
         # N(0, 1/fan_in): a layer keeps the scale of its input.
         return self.normal(out_features, in_features, std=in_features**-0.5)
 
-    def norm(self, size: int) -> torch.Tensor:
-        return self.normal(size, std=NORM_WEIGHT_STD)
+    def norm(self, size: int, mean: float = 0.0) -> torch.Tensor:
+        return self.normal(size, std=NORM_WEIGHT_STD, mean=mean)
 
 
 def _named_weights(
@@ -162,13 +169,13 @@ def _named_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     sample = _Sampler(seed, DTYPES[spec.dtype])
     text, vision, projector = ("model.", "", "") if spec.text_only else WEIGHT_PREFIXES[spec.layout]
-    # The model scales embeddings by sqrt(hidden): std 1/sqrt(hidden) makes that O(1).
-    embed = sample.normal(vocab_size, spec.hidden_size, std=spec.hidden_size**-0.5)
+    # The model scales embeddings by sqrt(hidden): std EMBED_STD/sqrt(hidden) makes them O(0.3).
+    embed = sample.normal(vocab_size, spec.hidden_size, std=EMBED_STD * spec.hidden_size**-0.5)
     embed[num_tokens:] *= PADDED_ROW_SCALE
     yield text + "embed_tokens.weight", embed
     for name, tensor in _decoder_layer_weights(spec, sample):
         yield text + name, tensor
-    yield text + "norm.weight", sample.norm(spec.hidden_size)
+    yield text + "norm.weight", sample.norm(spec.hidden_size, mean=POST_NORM_MEAN)
     if spec.text_only:
         return
     for name, tensor in _vision_weights(spec, sample):
@@ -193,8 +200,10 @@ def _decoder_layer_weights(spec: TinySpec, sample: _Sampler) -> Iterator[tuple[s
         yield layer + "mlp.gate_proj.weight", sample.linear(mlp, hidden)
         yield layer + "mlp.up_proj.weight", sample.linear(mlp, hidden)
         yield layer + "mlp.down_proj.weight", sample.linear(hidden, mlp)
-        for norm in ("input", "post_attention", "pre_feedforward", "post_feedforward"):
+        for norm in ("input", "pre_feedforward"):
             yield layer + f"{norm}_layernorm.weight", sample.norm(hidden)
+        for norm in ("post_attention", "post_feedforward"):
+            yield layer + f"{norm}_layernorm.weight", sample.norm(hidden, mean=POST_NORM_MEAN)
 
 
 def _vision_weights(spec: TinySpec, sample: _Sampler) -> Iterator[tuple[str, torch.Tensor]]:

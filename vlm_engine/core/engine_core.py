@@ -1,0 +1,98 @@
+"""The engine core: scheduler + model runner, one `step()` at a time.
+
+It speaks in token ids only; text, images-as-files and stop strings belong to the frontend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from vlm_engine.caches.kv_cache_manager import KVCacheManager
+from vlm_engine.core.request import Request, RequestStatus
+from vlm_engine.core.scheduler import Scheduler
+from vlm_engine.engine_config import EngineConfig
+from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.runtime.model_runner import ModelRunner
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[list[tuple[int, float, int]]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int | None = None
+    error: Exception | None = None
+
+
+class EngineCore:
+    def __init__(
+        self, model: Gemma3Model, config: EngineConfig, num_blocks: int, max_model_len: int
+    ):
+        self.config = config
+        self.kv_manager = KVCacheManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config, self.kv_manager, max_model_len)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.seed)
+        self.num_steps = 0
+
+    def add_request(self, request: Request) -> None:
+        seed = request.sampling_params.seed
+        if seed is not None:
+            request.generator = torch.Generator(self.runner.device).manual_seed(seed)
+        self.scheduler.add_request(request)
+
+    def abort_requests(
+        self, request_ids: Iterable[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
+    ) -> None:
+        for request_id in request_ids:
+            request = self.scheduler.requests.get(request_id)
+            if request is not None:
+                self.scheduler.finish(request, status)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        if not self.scheduler.has_unfinished():
+            return []
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return []
+        result = self.runner.execute(scheduled)
+        finished = {
+            r.request_id for r in self.scheduler.update_from_output(scheduled, result.sampled)
+        }
+        self.num_steps += 1
+        outputs = []
+        for chunk in scheduled.chunks:
+            request = chunk.request
+            token = result.sampled.get(request.request_id)
+            if token is None or request.status == RequestStatus.FINISHED_ABORTED:
+                continue
+            logprobs = result.logprobs.get(request.request_id)
+            outputs.append(
+                EngineCoreOutput(
+                    request.request_id,
+                    [token],
+                    [logprobs] if logprobs else None,
+                    request.finish_reason if request.request_id in finished else None,
+                    request.stop_reason,
+                    request.num_cached_tokens,
+                )
+            )
+        return outputs
+
+    def stats(self) -> dict[str, object]:
+        stats = self.scheduler.stats()
+        stats["num_steps"] = self.num_steps
+        stats["vision_encoder"] = {"items_encoded": self.runner.num_items_encoded}
+        return stats
+
+    def all_blocks_free(self) -> bool:
+        return self.kv_manager.all_blocks_free() and not self.scheduler.encoder_cache.refs

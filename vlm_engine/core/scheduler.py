@@ -1,0 +1,210 @@
+"""Continuous batching: which tokens of which requests run in the next step.
+
+One token budget per step is shared by decodes and prefill chunks. Running requests go first,
+then waiting ones (FCFS, or by priority). A chunk never ends inside an image's token span (its
+tokens attend to each other bidirectionally). When KV blocks run out, the lowest-priority running
+request is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed later (its outputs so far become part of what it recomputes).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vlm_engine.caches.encoder_cache import EncoderCacheManager
+from vlm_engine.caches.kv_cache_manager import KVCacheManager
+from vlm_engine.core.request import Request, RequestStatus
+from vlm_engine.engine_config import EngineConfig
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int  # tokens already computed before this step
+    num_tokens: int  # tokens computed in this step
+    block_ids: list[int]
+    encoder_inputs: list[int] = field(default_factory=list)  # feature indices to encode now
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the last known token, so its logits give the next token."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    free_encoder_hashes: list[str]
+    preempted_ids: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager, max_model_len: int):
+        self.config = config
+        self.kv = kv_manager
+        self.encoder_cache = EncoderCacheManager()
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        if self.config.scheduling_policy == "priority":
+            self.running.sort(key=_priority_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._chunk_size(request, request.num_computed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while self.kv.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                chunks.append(self._chunk(request, request.num_computed_tokens, num_new))
+                budget -= num_new
+                i += 1
+        if not preempted:
+            budget = self._schedule_waiting(chunks, budget)
+        return SchedulerOutput(chunks, self.encoder_cache.take_freed(), preempted)
+
+    def _schedule_waiting(self, chunks: list[ScheduledChunk], budget: int) -> int:
+        if self.config.scheduling_policy == "priority":
+            self.waiting = deque(sorted(self.waiting, key=_priority_key))
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = self._chunk_size(request, num_hit, budget)
+            if num_new == 0:
+                break
+            if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.num_computed_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(self._chunk(request, num_hit, num_new))
+            budget -= num_new
+        return budget
+
+    def _chunk_size(self, request: Request, start: int, budget: int) -> int:
+        """Tokens to compute from `start`: at most `budget`, never ending inside an image span."""
+        end = min(request.num_tokens, start + budget)
+        for feature in request.mm_features:
+            span_end = feature.offset + feature.length
+            if feature.offset < end < span_end:
+                # Stop before the image, or, already inside it (a prefix hit), take all of it.
+                end = feature.offset if feature.offset > start else span_end
+                if end - start > budget:
+                    return 0
+                break
+        return end - start
+
+    def _chunk(self, request: Request, start: int, num_tokens: int) -> ScheduledChunk:
+        encoder_inputs = []
+        for index, feature in enumerate(request.mm_features):
+            overlaps = (
+                feature.offset < start + num_tokens and start < feature.offset + feature.length
+            )
+            if overlaps and self.encoder_cache.acquire(request, feature.mm_hash):
+                encoder_inputs.append(index)
+        block_ids = self.kv.get_block_ids(request.request_id)
+        return ScheduledChunk(request, start, num_tokens, block_ids, encoder_inputs)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        self.encoder_cache.release_all(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance the scheduled requests; append sampled tokens; return those that finished."""
+        finished = []
+        for chunk in output.chunks:
+            request = chunk.request
+            if request.is_finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens = chunk.end
+            for feature in request.mm_features:
+                if feature.offset + feature.length <= chunk.end:
+                    self.encoder_cache.release(request, feature.mm_hash)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.append_output_token(token)
+            status = self._check_stop(request, token)
+            if status is not None:
+                self.finish(request, status)
+                finished.append(request)
+        return finished
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if (
+            request.num_output_tokens >= params.max_tokens
+            or request.num_tokens >= self.max_model_len
+        ):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request wherever it is (running, waiting, or preempted) and free what it holds."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        self.encoder_cache.release_all(request)
+        self.requests.pop(request.request_id, None)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "num_preemptions": self.num_preemptions,
+            "kv_cache_usage": self.kv.usage,
+            "prefix_cache": self.kv.prefix_cache_stats(),
+            "encoder_cache": self.encoder_cache.stats(),
+        }
+
+
+def _priority_key(request: Request) -> tuple[int, float]:
+    return request.priority, request.arrival_time

@@ -1,0 +1,263 @@
+"""The public API: `Engine(checkpoint_dir, **options)`.
+
+    engine = Engine("gemma-3-4b-it")
+    outs = engine.generate([{"prompt": "Describe the image.", "images": [img]}],
+                           SamplingParams(max_tokens=64, temperature=0))
+
+`generate` returns outputs in input order; `stream` yields incremental outputs as they come;
+`add_request` / `step` / `has_unfinished` / `abort_request` are the loop underneath.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from vlm_engine.config import ModelConfig
+from vlm_engine.core.engine_core import EngineCore
+from vlm_engine.core.request import RequestStatus
+from vlm_engine.engine_config import EngineConfig
+from vlm_engine.frontend.input_processor import InputProcessor, Prompt
+from vlm_engine.frontend.output_processor import OutputProcessor
+from vlm_engine.models.loader import load_model
+from vlm_engine.outputs import RequestOutput
+from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
+
+logger = logging.getLogger("vlm_engine")
+_DEFAULT_MAX_MODEL_LEN = 8192
+
+
+class Engine:
+    def __init__(self, checkpoint_dir: str | Path, **options: Any):
+        self.config = EngineConfig.from_options(**options)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.model_config = ModelConfig.from_hf(self.checkpoint_dir)
+        device = torch.device(
+            self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        dtype = self.config.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        model = load_model(self.model_config, self.checkpoint_dir, dtype=dtype, device=device)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(self.checkpoint_dir), local_files_only=True
+        )
+        num_blocks = self._num_kv_blocks(model)
+        self.max_model_len = self._max_model_len(num_blocks)
+        self.input_processor = InputProcessor(
+            self.model_config,
+            self.tokenizer,
+            self._image_processor(),
+            model_id=str(self.checkpoint_dir.resolve()),
+            max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+        )
+        self.core = EngineCore(model, self.config, num_blocks, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        self._counters = {
+            "requests": 0,
+            "finished": 0,
+            "aborted": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+        }
+
+    # ---- low-level loop ----------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        stream: bool = False,
+    ) -> str:
+        """Queue a request; bad input raises a `ValueError` subclass and queues nothing."""
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.output_processor.states:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request, text = self.input_processor.process(
+            request_id, prompt, params, priority, cache_salt
+        )
+        self.output_processor.add_request(
+            request_id, text, params, request.num_prompt_tokens, request.arrival_time, stream
+        )
+        self.core.add_request(request)
+        self._counters["requests"] += 1
+        self._counters["prompt_tokens"] += request.num_prompt_tokens
+        return request_id
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; outputs of the requests that advanced."""
+        core_outputs = self.core.step()
+        outputs, stopped = self.output_processor.process(core_outputs)
+        self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)  # ended by a stop string
+        self._counters["generated_tokens"] += sum(len(o.new_token_ids) for o in core_outputs)
+        self._counters["finished"] += sum(out.finished for out in outputs)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished()
+
+    def abort_request(self, request_id: str | Sequence[str]) -> list[RequestOutput]:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        self.core.abort_requests(ids)
+        aborted = [out for i in ids if (out := self.output_processor.abort(i)) is not None]
+        self._counters["aborted"] += len(aborted)
+        return aborted
+
+    # ---- batch and streaming -----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order."""
+        ids = self._add_all(prompts, sampling_params, stream=False)
+        done: dict[str, RequestOutput] = {}
+        progress = _progress_bar(len(ids)) if use_tqdm else None
+        for out in self._run(ids):
+            if out.finished:
+                done[out.request_id] = out
+                if progress is not None:
+                    progress.update(1)
+        if progress is not None:
+            progress.close()
+        return [done[i] for i in ids]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield what is new for each request after each step (`request_id` tells them apart).
+        Closing the iterator early aborts the requests it started."""
+        ids = self._add_all(prompts, sampling_params, stream=True)
+        try:
+            yield from self._run(ids)
+        finally:
+            unfinished = [i for i in ids if i in self.output_processor.states]
+            if unfinished:
+                self.abort_request(unfinished)
+
+    def _add_all(self, prompts, sampling_params, stream: bool) -> list[str]:
+        if isinstance(prompts, (str, Mapping)):
+            prompts = [prompts]
+        params = sampling_params
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                ids.append(self.add_request(prompt, p, stream=stream))
+        except BaseException:
+            self.abort_request(ids)  # nothing of a rejected batch stays queued
+            raise
+        return ids
+
+    def _run(self, ids: list[str]) -> Iterator[RequestOutput]:
+        pending = set(ids)
+        idle_steps = 0
+        while pending:
+            outputs = self.step()
+            idle_steps = 0 if outputs else idle_steps + 1
+            if idle_steps > 10_000:
+                raise RuntimeError("engine made no progress in 10000 steps")
+            for out in outputs:
+                if out.request_id in pending:
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+
+    # ---- introspection -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        core = self.core.stats()
+        kv = self.core.kv_manager
+        return {
+            "kv_cache": {
+                "usage": core.pop("kv_cache_usage"),
+                "num_blocks": kv.num_blocks,
+                "block_size": kv.block_size,
+                "num_free_blocks": kv.num_free_blocks,
+            },
+            "prefix_cache": core.pop("prefix_cache"),
+            "encoder_cache": core.pop("encoder_cache"),
+            "vision_encoder": core.pop("vision_encoder"),
+            "scheduler": core,
+            "requests": dict(self._counters),
+        }
+
+    def close(self) -> None:
+        """Abort what is left and release the KV cache."""
+        self.abort_request(list(self.output_processor.states))
+        self.core.runner.kv_caches = []
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- set-up helpers ----------------------------------------------------------------------
+
+    def _image_processor(self) -> Gemma3ImageProcessor | None:
+        if not self.model_config.is_multimodal:
+            return None
+        config = ImageProcessorConfig.from_pretrained(self.checkpoint_dir)
+        if self.config.processor_options:
+            config = config.with_overrides(**self.config.processor_options)
+        return Gemma3ImageProcessor(config)
+
+    def _num_kv_blocks(self, model) -> int:
+        text = self.model_config.text
+        dtype_size = model.language_model.embed_tokens.weight.element_size()
+        block_bytes = (
+            2
+            * text.num_hidden_layers
+            * self.config.block_size
+            * text.num_key_value_heads
+            * text.head_dim
+            * dtype_size
+        )
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        by_memory = int(self.config.kv_cache_memory_gb * 2**30) // block_bytes
+        max_len = self.config.max_model_len or _DEFAULT_MAX_MODEL_LEN
+        needed = self.config.max_num_seqs * -(-max_len // self.config.block_size)
+        return max(2, min(by_memory, needed))
+
+    def _max_model_len(self, num_blocks: int) -> int:
+        limit = min(self.model_config.text.max_position_embeddings, _DEFAULT_MAX_MODEL_LEN)
+        wanted = self.config.max_model_len or limit
+        capacity = num_blocks * self.config.block_size
+        if wanted > capacity:
+            logger.warning(
+                "max_model_len %d exceeds the KV cache (%d tokens); using %d",
+                wanted,
+                capacity,
+                capacity,
+            )
+        return min(wanted, capacity)
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req")

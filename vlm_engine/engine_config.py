@@ -1,0 +1,51 @@
+"""Engine options: what a caller passes to `Engine(checkpoint_dir, **options)`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str | None = None  # None: "cuda" when available, else "cpu"
+    dtype: str = "auto"  # "auto": bfloat16 on a GPU, float32 on a CPU
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    max_model_len: int | None = None  # None: min(model's max positions, 8192)
+    num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # or "priority" (lower value first)
+    seed: int | None = None  # seeds unseeded sampling; None: fresh entropy
+    processor_options: dict[str, Any] = field(default_factory=dict)  # e.g. do_pan_and_scan
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("max_model_len", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 2):
+                raise ValueError(f"{name} must be an int >= 2 or None, got {value!r}")
+        if not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(
+                f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown Engine options {unknown}; valid options: {sorted(known)}")
+        return cls(**options)

@@ -1,0 +1,140 @@
+"""Runs a scheduled step on the device: encoder, decoder over the paged KV cache, sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlm_engine.core.request import Request
+from vlm_engine.core.scheduler import ScheduledChunk, SchedulerOutput
+from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.runtime.forward_context import ForwardContext
+from vlm_engine.runtime.greedy import allocate_kv_caches
+from vlm_engine.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, int]  # request id -> new token, for chunks that sample
+    logprobs: dict[str, list[tuple[int, float, int]]]  # request id -> (token, logprob, rank)...
+
+
+class ModelRunner:
+    def __init__(self, model: Gemma3Model, num_blocks: int, block_size: int, seed: int | None):
+        self.model = model
+        self.device = model.language_model.embed_tokens.weight.device
+        self.block_size = block_size
+        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size)
+        self.sampler = Sampler(seed)
+        self.encoder_cache: dict[str, torch.Tensor] = {}  # mm_hash -> [tokens, hidden]
+        self.num_items_encoded = 0  # images and crops run through the vision tower
+        self.vocab_size = model.config.text.vocab_size
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        for mm_hash in step.free_encoder_hashes:
+            self.encoder_cache.pop(mm_hash, None)
+        self._run_encoder(step.chunks)
+        ids, ctx, image_embeds = self._prepare_inputs(step.chunks)
+        hidden = self.model(ids, ctx, image_embeds)
+        sampling = [c for c in step.chunks if c.samples]
+        if not sampling:
+            return ModelRunnerOutput({}, {})
+        last_rows = torch.tensor([c.end - c.start for c in step.chunks], device=self.device)
+        last_rows = torch.cumsum(last_rows, 0) - 1
+        rows = torch.tensor([i for i, c in enumerate(step.chunks) if c.samples], device=self.device)
+        logits = self.model.compute_logits(hidden[last_rows[rows]])
+        return self._sample(logits, [c.request for c in sampling])
+
+    def _run_encoder(self, chunks: list[ScheduledChunk]) -> None:
+        # Images of this step, each once: [items, 3, H, W] -> per image [crops*tokens, hidden]
+        todo: dict[str, torch.Tensor] = {}
+        for chunk in chunks:
+            for index in chunk.encoder_inputs:
+                feature = chunk.request.mm_features[index]
+                if feature.mm_hash not in self.encoder_cache:
+                    todo[feature.mm_hash] = feature.pixel_values
+        if not todo:
+            return
+        pixels = torch.cat(list(todo.values())).to(self.device, non_blocking=True)
+        embeds = self.model.embed_images(pixels)  # [items, mm_tokens, hidden]
+        self.num_items_encoded += embeds.shape[0]
+        sizes = [p.shape[0] for p in todo.values()]
+        for mm_hash, item in zip(todo, embeds.split(sizes), strict=True):
+            self.encoder_cache[mm_hash] = item.flatten(0, 1)
+
+    def _prepare_inputs(self, chunks: list[ScheduledChunk]):
+        ids, slots, rows, tables = [], [], [], []
+        for chunk in chunks:
+            ids += chunk.request.all_token_ids[chunk.start : chunk.end]
+            slots += self._slots(chunk)
+            rows += self._image_rows(chunk)
+            tables.append(chunk.block_ids)
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        ctx = ForwardContext.build(
+            [c.num_tokens for c in chunks],
+            [c.end for c in chunks],
+            [[g for f in c.request.mm_features for g in f.placeholder.groups] for c in chunks],
+            self.device,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+            block_tables=block_tables.to(self.device),
+            kv_caches=self.kv_caches,
+        )
+        image_embeds = torch.stack(rows) if rows else None
+        return torch.tensor(ids, device=self.device), ctx, image_embeds
+
+    def _slots(self, chunk: ScheduledChunk) -> list[int]:
+        bs, blocks = self.block_size, chunk.block_ids
+        return [blocks[p // bs] * bs + p % bs for p in range(chunk.start, chunk.end)]
+
+    def _image_rows(self, chunk: ScheduledChunk) -> list[torch.Tensor]:
+        """Embedding rows for the image tokens of the chunk, in token order."""
+        rows = []
+        for feature in chunk.request.mm_features:
+            embeds, base = None, 0
+            for group in feature.placeholder.groups:
+                lo, hi = max(group.offset, chunk.start), min(group.end, chunk.end)
+                if lo < hi:
+                    embeds = self.encoder_cache[feature.mm_hash] if embeds is None else embeds
+                    rows += list(embeds[base + lo - group.offset : base + hi - group.offset])
+                base += group.length
+        return rows
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> ModelRunnerOutput:
+        batch = SamplingBatch.from_rows(
+            [_sampling_row(r) for r in requests], self.vocab_size, self.device
+        )
+        out = self.sampler(logits, batch)
+        ids = [r.request_id for r in requests]
+        sampled = dict(zip(ids, out.sampled_token_ids.tolist(), strict=True))
+        logprobs = _logprob_entries(out, requests) if out.logprobs is not None else {}
+        return ModelRunnerOutput(sampled, logprobs)
+
+
+def _logprob_entries(out: SamplerOutput, requests: list[Request]):
+    """Per request asking for logprobs: (sampled token, logprob, rank), then the top-n by rank."""
+    tokens, values = out.logprob_token_ids.tolist(), out.logprobs.tolist()
+    ranks = out.sampled_ranks.tolist()
+    entries = {}
+    for i, request in enumerate(requests):
+        n = request.sampling_params.logprobs
+        if n is not None:
+            top = [(tokens[i][j], values[i][j], j) for j in range(1, n + 1)]
+            entries[request.request_id] = [(tokens[i][0], values[i][0], ranks[i]), *top]
+    return entries
+
+
+def _sampling_row(request: Request) -> SamplingRow:
+    params = request.sampling_params
+    stop_ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        stop_ids |= request.eos_token_ids
+    return SamplingRow(
+        params,
+        request.prompt_token_ids,
+        request.output_token_ids,
+        request.generator,
+        frozenset(stop_ids),
+    )

@@ -1,0 +1,132 @@
+"""How one request samples its output tokens: length, randomness, penalties, stops, logprobs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_NUM_LOGPROBS = 20
+# The seed range torch.Generator.manual_seed accepts (negative seeds wrap to unsigned).
+_SEED_RANGE = (-(2**63), 2**64)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one request, validated once at construction.
+
+    Every invalid value raises ``ValueError`` whose message starts with the field name;
+    unknown keyword arguments raise ``TypeError``. ``stop`` accepts a string or a list of
+    strings and ``stop_token_ids`` a list of ints; both are stored as tuples, so the object is
+    hashable. ``top_k`` of 0 or -1 disables top-k; ``temperature`` of 0 means greedy.
+    """
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # top logprobs per output token; 0 = only the sampled token's
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self._normalize_stops()
+        self._validate_lengths()
+        self._validate_sampling()
+        self._validate_penalties()
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(_expected(name, "a bool", getattr(self, name)))
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_NUM_LOGPROBS)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def _normalize_stops(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple("stop", self.stop)
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(_expected("stop", "non-empty strings", s))
+        stop_token_ids = _as_tuple("stop_token_ids", self.stop_token_ids)
+        for token_id in stop_token_ids:
+            _check_int("stop_token_ids", token_id, 0, None)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", stop_token_ids)
+
+    def _validate_lengths(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1, None)
+        _check_int("min_tokens", self.min_tokens, 0, None)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+
+    def _validate_sampling(self) -> None:
+        self._set_float("temperature")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_int("top_k", self.top_k, -1, None)
+        self._set_float("top_p")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self._set_float("min_p")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None:
+            low, high = _SEED_RANGE
+            if not _is_int(self.seed) or not low <= self.seed < high:
+                raise ValueError(_expected("seed", "an int in [-2**63, 2**64) or None", self.seed))
+
+    def _validate_penalties(self) -> None:
+        self._set_float("repetition_penalty")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            self._set_float(name)
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    def _set_float(self, name: str) -> None:
+        """Store a finite int or float field as a float (so `temperature=0` reads back as 0.0)."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(_expected(name, "a number", value))
+        if not math.isfinite(value):
+            raise ValueError(_expected(name, "finite", value))
+        object.__setattr__(self, name, float(value))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, low: int, high: int | None) -> None:
+    if not _is_int(value):
+        raise ValueError(_expected(name, "an int", value))
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+
+
+def _as_tuple(name: str, values: object) -> tuple:
+    """A list or tuple as a tuple; None as (). Anything else (a set, a bare int) is an error."""
+    if values is None:
+        return ()
+    if not isinstance(values, list | tuple):
+        raise ValueError(_expected(name, "a list", values))
+    return tuple(values)
+
+
+def _expected(name: str, what: str, value: object) -> str:
+    return f"{name} must be {what}, got {value!r} ({type(value).__name__})"
