@@ -1,28 +1,32 @@
 """`vlm-engine` command line.
 
-`generate`: answer a prompt about each image given (files or folders), greedy, printing one line
-per image. Without `--model` it uses the built-in demo checkpoint.
+`generate`: answer a prompt about each image given (files or folders) with the engine, batched
+and greedy, printing one line per image. Without `--model` it uses the built-in demo checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-
-import torch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def default_model_dir() -> Path:
-    """The demo checkpoint: a tiny random-weight Gemma3, made on first use (no download)."""
+@contextlib.contextmanager
+def model_dir(model: str | None) -> Iterator[Path]:
+    """The given checkpoint, or the demo one: a tiny random-weight Gemma3 made afresh in a
+    temporary folder (a fraction of a second, no download), removed afterwards."""
+    if model is not None:
+        yield Path(model)
+        return
     from vlm_engine.testing import make_tiny_checkpoint
 
-    path = Path.home() / ".cache" / "vlm_engine" / "demo-tiny-v1"
-    if not (path / "config.json").is_file():
-        make_tiny_checkpoint(path, seed=0)
-    return path
+    with tempfile.TemporaryDirectory(prefix="vlm_engine_demo_") as tmp:
+        yield make_tiny_checkpoint(Path(tmp), seed=0)
 
 
 def image_paths(sources: list[str]) -> list[Path]:
@@ -36,7 +40,7 @@ def image_paths(sources: list[str]) -> list[Path]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from vlm_engine.pipeline import VisionLanguagePipeline
+    from vlm_engine import Engine, SamplingParams
 
     if args.model is None:
         print(
@@ -44,22 +48,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "so its answers are noise; pass --model DIR for a real Gemma3 checkpoint.",
             file=sys.stderr,
         )
-    pipeline = VisionLanguagePipeline.load(
-        args.model or default_model_dir(), dtype=args.dtype, device=args.device
-    )
-    for path in image_paths(args.images):
-        messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "image": str(path)},
-                    {"type": "text", "text": args.prompt},
-                ],
-            }
-        ]
-        text = pipeline.generate_chat(messages, max_new_tokens=args.max_tokens)
-        print(f"{path.name}\t{text!r}")
+    paths = image_paths(args.images)
+    with model_dir(args.model) as path:
+        engine = Engine(path, device=args.device, dtype=args.dtype)
+    prompts = [chat_prompt(path, args.prompt) for path in paths]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    for path, out in zip(paths, engine.generate(prompts, params), strict=True):
+        print(f"{path.name}\t{out.text!r}")
     return 0
+
+
+def chat_prompt(image: Path, question: str) -> dict:
+    content = [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]
+    return {"messages": [{"role": "user", "content": content}]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default="Describe the image.", help="question for every image")
     gen.add_argument("--max-tokens", type=int, default=16, help="tokens to generate per image")
     gen.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     gen.set_defaults(func=cmd_generate)
     return parser
 

@@ -2,7 +2,8 @@
 
 `prepare` turns a prompt (text with `<start_of_image>` markers, or chat messages) and its images
 into token ids, image groups and pixels; `forward_logits` runs whole sequences without a cache;
-`generate` decodes greedily over the paged KV cache. The engine builds on the same pieces.
+`generate` decodes one prompt greedily over a paged KV cache with no scheduler. It is the
+model-level reference that tests check the `Engine` against.
 """
 
 from __future__ import annotations
@@ -107,9 +108,3 @@ class VisionLanguagePipeline:
             self.model, prepared.prompt, self.image_embeds(prepared), max_new_tokens, **paging
         )
         return tokens
-
-    def generate_chat(self, messages: Sequence[dict[str, Any]], max_new_tokens: int) -> str:
-        tokens = self.generate(self.prepare_chat(messages), max_new_tokens)
-        stop = set(self.config.eos_token_ids)
-        end = next((i for i, t in enumerate(tokens) if t in stop), len(tokens))
-        return self.tokenizer.decode(tokens[:end], skip_special_tokens=True)

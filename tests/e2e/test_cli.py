@@ -7,6 +7,7 @@ import sys
 
 from PIL import Image
 
+from vlm_engine.cli import chat_prompt
 from vlm_engine.pipeline import VisionLanguagePipeline
 from vlm_engine.testing import make_tiny_checkpoint
 
@@ -40,17 +41,11 @@ def test_generate_prints_one_answer_per_image(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["a.png", "b.jpg"]
+    # The engine's batched answer equals the scheduler-free reference loop on the same prompt.
     pipe = VisionLanguagePipeline.load(model)
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image", "image": str(images / "a.png")},
-                {"type": "text", "text": "What color?"},
-            ],
-        }
-    ]
-    assert lines[0].split("\t")[1] == repr(pipe.generate_chat(messages, max_new_tokens=5))
+    prepared = pipe.prepare_chat(chat_prompt(images / "a.png", "What color?")["messages"])
+    expected = pipe.tokenizer.decode(pipe.generate(prepared, 5), skip_special_tokens=True)
+    assert lines[0].split("\t")[1] == repr(expected)
 
 
 def test_help_explains_generate():

@@ -45,8 +45,8 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest cached prefix of the request's full blocks, and the tokens it covers.
 
-        The hit never covers the last token, whose forward pass must run to give logits. Each
-        call counts the request's tokens as queried and the hit tokens as hits.
+        The hit never covers the last token, whose forward pass must run to give logits. The
+        lookup is counted in the stats when the request is scheduled (`allocate_slots`).
         """
         if not self.enable_prefix_caching:
             return [], 0
@@ -58,10 +58,7 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        num_hit_tokens = len(hits) * self.block_size
-        self._num_queried_tokens += request.num_tokens
-        self._num_hit_tokens += num_hit_tokens
-        return hits, num_hit_tokens
+        return hits, len(hits) * self.block_size
 
     def can_fit(
         self,
@@ -96,6 +93,9 @@ class KVCacheManager:
         num_new_blocks = self._num_new_blocks(
             request, num_new_tokens, new_computed_blocks, num_new_computed_tokens
         )
+        if request.request_id not in self.req_to_blocks and self.enable_prefix_caching:
+            self._num_queried_tokens += request.num_tokens  # a (re)scheduled request's lookup
+            self._num_hit_tokens += num_new_computed_tokens
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         self.block_pool.touch(new_computed_blocks)
         blocks.extend(new_computed_blocks)
