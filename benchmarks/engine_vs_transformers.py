@@ -8,7 +8,7 @@ the engine receives every request at once and schedules them itself.
 
     python benchmarks/engine_vs_transformers.py [--num-requests 64] [--output-len 32]
         [--hf-batch-size 16] [--device cpu|cuda] [--dtype auto] [--model-size tiny|small]
-        [--seed 0] [--json OUT]
+        [--rounds 3] [--seed 0] [--json OUT]
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -80,24 +82,39 @@ class BenchRequest:
     images: list[Image.Image]
 
 
-@dataclass
-class SideResult:
-    name: str
+@dataclass(frozen=True)
+class Round:
     wall_s: float
     num_requests: int
     num_output_tokens: int
 
+
+@dataclass
+class SideResult:
+    """One side's timed rounds; each figure is the median over rounds."""
+
+    name: str
+    rounds: list[Round] = field(default_factory=list)
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(r.wall_s for r in self.rounds)
+
     @property
     def requests_per_s(self) -> float:
-        return self.num_requests / self.wall_s
+        return statistics.median(r.num_requests / r.wall_s for r in self.rounds)
 
     @property
     def output_tokens_per_s(self) -> float:
-        return self.num_output_tokens / self.wall_s
+        return statistics.median(r.num_output_tokens / r.wall_s for r in self.rounds)
 
-    def to_json(self) -> dict[str, float | int | str]:
-        rates = {"requests_per_s": self.requests_per_s}
-        return {**asdict(self), **rates, "output_tokens_per_s": self.output_tokens_per_s}
+    def to_json(self) -> dict:
+        medians = {
+            "wall_s": self.wall_s,
+            "requests_per_s": self.requests_per_s,
+            "output_tokens_per_s": self.output_tokens_per_s,
+        }
+        return {"name": self.name, **medians, "rounds": [asdict(r) for r in self.rounds]}
 
 
 # ---- workload --------------------------------------------------------------------------------
@@ -112,9 +129,10 @@ def random_words(rng: np.random.Generator, low: int, high: int) -> str:
     return " ".join(rng.choice(WORDS, int(rng.integers(low, high))))
 
 
-def make_workload(num_requests: int, seed: int) -> list[BenchRequest]:
-    """Requests cycle through text-only, one image and two images; words and pixels are seeded."""
-    rng = np.random.default_rng(seed)
+def make_workload(num_requests: int, seed: int, round_index: int) -> list[BenchRequest]:
+    """Requests cycle through text-only, one image and two images; words and pixels are seeded.
+    Each round draws its own prompts and images, so no round hits another's caches."""
+    rng = np.random.default_rng([seed, round_index])
     requests = []
     for i in range(num_requests):
         kind = KINDS[i % len(KINDS)]
@@ -234,10 +252,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--model-size", choices=tuple(MODEL_SIZES), default="tiny")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; medians reported")
     parser.add_argument("--seed", type=int, default=0, help="checkpoint weights and workload")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write results as JSON")
     args = parser.parse_args(argv)
-    for name in ("num_requests", "output_len", "hf_batch_size"):
+    for name in ("num_requests", "output_len", "hf_batch_size", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     args.dtype = resolve_dtype(args.dtype or "auto", args.device)
@@ -245,61 +264,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, checkpoint: Path) -> dict:
-    workload = make_workload(args.num_requests, args.seed)
-    warmup = make_workload(WARMUP_REQUESTS, args.seed + 1)  # other prompts: no prefix-cache hits
-
+    """Warm both sides up, then time them in alternation, one fresh workload per round."""
     engine = Engine(checkpoint, device=args.device, dtype=args.dtype)
-    engine_generate(engine, warmup, WARMUP_OUTPUT_LEN)
-    engine_s, engine_ids = timed(
-        args.device, lambda: engine_generate(engine, workload, args.output_len)
-    )
-    engine_stats = engine.stats()
-    engine.close()
-
     model, processor = load_transformers(checkpoint, args.device, getattr(torch, args.dtype))
-    hf_generate(model, processor, warmup, WARMUP_OUTPUT_LEN, args.hf_batch_size)
-    hf_s, hf_ids = timed(
-        args.device,
-        lambda: hf_generate(model, processor, workload, args.output_len, args.hf_batch_size),
-    )
-
-    def side(name: str, wall_s: float, ids: list[list[int]]) -> SideResult:
-        return SideResult(name, wall_s, len(ids), sum(map(len, ids)))
-
-    return {
-        "engine": side("vlm_engine", engine_s, engine_ids),
-        "transformers": side("transformers", hf_s, hf_ids),
-        "num_agreeing": count_agreeing(engine_ids, hf_ids),
-        "hf_attn_implementation": model.config._attn_implementation,
-        "engine_cached_prompt_tokens": engine_stats["prefix_cache"],
-        "engine_num_steps": engine_stats["scheduler"].get("num_steps"),
+    sides = {
+        "engine": partial(engine_generate, engine),
+        "transformers": partial(hf_generate, model, processor, batch_size=args.hf_batch_size),
     }
+    warmup = make_workload(WARMUP_REQUESTS, args.seed, round_index=0)
+    for generate in sides.values():
+        generate(warmup, WARMUP_OUTPUT_LEN)
+    results = {"engine": SideResult("vlm_engine"), "transformers": SideResult("transformers")}
+    num_agreeing = 0
+    for round_index in range(1, args.rounds + 1):
+        workload = make_workload(args.num_requests, args.seed, round_index)
+        token_ids = {}
+        for name, generate in sides.items():
+            wall_s, token_ids[name] = timed(
+                args.device, partial(generate, workload, args.output_len)
+            )
+            num_tokens = sum(map(len, token_ids[name]))
+            results[name].rounds.append(Round(wall_s, len(workload), num_tokens))
+        num_agreeing += count_agreeing(token_ids["engine"], token_ids["transformers"])
+    return {
+        **results,
+        "num_agreeing": num_agreeing,
+        "hf_attn_implementation": model.config._attn_implementation,
+        "engine_stats": engine.stats(),  # warm-up included
+    }
+
+
+def report(args: argparse.Namespace, result: dict, device: str) -> None:
+    engine, hf = result["engine"], result["transformers"]
+    print(
+        f"{args.num_requests} requests ({', '.join(KINDS)} in turn), {args.output_len} greedy "
+        f"tokens each; model {args.model_size}, {args.dtype} on {args.device} ({device}); "
+        f"transformers batch {args.hf_batch_size}, attention {result['hf_attn_implementation']}; "
+        f"median of {args.rounds} rounds"
+    )
+    print(format_table(engine, hf))
+    for side in (engine, hf):
+        walls = ", ".join(f"{r.wall_s:.2f}" for r in side.rounds)
+        print(f"{side.name} wall time per round (s): {walls}")
+    num_total = args.num_requests * args.rounds
+    print(f"greedy tokens agree exactly: {result['num_agreeing']}/{num_total} requests")
+
+
+def write_json(path: Path, args: argparse.Namespace, result: dict, device: str) -> None:
+    payload = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": device,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        **result,
+        "engine": result["engine"].to_json(),
+        "transformers": result["transformers"].to_json(),
+    }
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_tiny_checkpoint(tmp, seed=args.seed, **MODEL_SIZES[args.model_size])
         result = run(args, checkpoint)
-    engine, hf = result["engine"], result["transformers"]
     device = describe_device(args.device)
-    print(
-        f"{args.num_requests} requests ({', '.join(KINDS)} in turn), {args.output_len} greedy "
-        f"tokens each; model {args.model_size}, {args.dtype} on {args.device} ({device}); "
-        f"transformers batch {args.hf_batch_size}, attention {result['hf_attn_implementation']}"
-    )
-    print(format_table(engine, hf))
-    print(f"greedy tokens agree exactly: {result['num_agreeing']}/{args.num_requests} requests")
+    report(args, result, device)
     if args.json:
-        payload = {
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "device": device,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            **result,
-            "engine": engine.to_json(),
-            "transformers": hf.to_json(),
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(args.json, args, result, device)
         print(f"wrote {args.json}")
 
 

@@ -54,6 +54,7 @@ class EngineCore:
             request = self.scheduler.requests.get(request_id)
             if request is not None:
                 self.scheduler.finish(request, status)
+        self._drop_freed_encoder_outputs()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -88,6 +89,10 @@ class EngineCore:
             )
         return outputs
 
+    def _drop_freed_encoder_outputs(self) -> None:
+        """Image embeddings no request needs any more leave the device now, not next step."""
+        self.runner.drop_encoder_outputs(self.scheduler.encoder_cache.take_freed())
+
     def stats(self) -> dict[str, object]:
         stats = self.scheduler.stats()
         stats["num_steps"] = self.num_steps
@@ -95,4 +100,8 @@ class EngineCore:
         return stats
 
     def all_blocks_free(self) -> bool:
-        return self.kv_manager.all_blocks_free() and not self.scheduler.encoder_cache.refs
+        return (
+            self.kv_manager.all_blocks_free()
+            and not self.scheduler.encoder_cache.refs
+            and not self.runner.encoder_cache
+        )

@@ -25,15 +25,14 @@ class ScheduledChunk:
     num_tokens: int  # tokens computed in this step
     block_ids: list[int]
     encoder_inputs: list[int] = field(default_factory=list)  # feature indices to encode now
+    samples: bool = field(init=False)  # reaches the last known token: its logits pick the next
+
+    def __post_init__(self) -> None:
+        self.samples = self.end == self.request.num_tokens
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the last known token, so its logits give the next token."""
-        return self.end == self.request.num_tokens
 
 
 @dataclass

@@ -33,8 +33,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        for mm_hash in step.free_encoder_hashes:
-            self.encoder_cache.pop(mm_hash, None)
+        self.drop_encoder_outputs(step.free_encoder_hashes)
         self._run_encoder(step.chunks)
         ids, ctx, image_embeds = self._prepare_inputs(step.chunks)
         hidden = self.model(ids, ctx, image_embeds)
@@ -46,6 +45,10 @@ class ModelRunner:
         rows = torch.tensor([i for i, c in enumerate(step.chunks) if c.samples], device=self.device)
         logits = self.model.compute_logits(hidden[last_rows[rows]])
         return self._sample(logits, [c.request for c in sampling])
+
+    def drop_encoder_outputs(self, mm_hashes: list[str]) -> None:
+        for mm_hash in mm_hashes:
+            self.encoder_cache.pop(mm_hash, None)
 
     def _run_encoder(self, chunks: list[ScheduledChunk]) -> None:
         # Images of this step, each once: [items, 3, H, W] -> per image [crops*tokens, hidden]
