@@ -130,13 +130,16 @@ class Engine:
         ids = self._add_all(prompts, sampling_params, stream=False)
         done: dict[str, RequestOutput] = {}
         progress = _progress_bar(len(ids)) if use_tqdm else None
-        for out in self._run(ids):
-            if out.finished:
-                done[out.request_id] = out
-                if progress is not None:
-                    progress.update(1)
-        if progress is not None:
-            progress.close()
+        try:
+            for out in self._run(ids):
+                if out.finished:
+                    done[out.request_id] = out
+                    if progress is not None:
+                        progress.update(1)
+        finally:
+            if progress is not None:
+                progress.close()
+            self._abort_unfinished(ids)  # after an error or interrupt, nothing stays queued
         return [done[i] for i in ids]
 
     def stream(
@@ -150,9 +153,12 @@ class Engine:
         try:
             yield from self._run(ids)
         finally:
-            unfinished = [i for i in ids if i in self.output_processor.states]
-            if unfinished:
-                self.abort_request(unfinished)
+            self._abort_unfinished(ids)
+
+    def _abort_unfinished(self, ids: list[str]) -> None:
+        unfinished = [i for i in ids if i in self.output_processor.states]
+        if unfinished:
+            self.abort_request(unfinished)
 
     def _add_all(self, prompts, sampling_params, stream: bool) -> list[str]:
         if isinstance(prompts, (str, Mapping)):

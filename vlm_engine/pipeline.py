@@ -33,6 +33,17 @@ class PreparedPrompt:
     pixel_values: torch.Tensor | None  # [images + crops, 3, H, W] float32, in prompt order
 
 
+def image_mask(prompts: Sequence[PromptInputs], device: torch.device) -> torch.Tensor:
+    """[total tokens] bool: the image soft-token rows of prompts laid end to end."""
+    mask = torch.zeros(sum(len(p.token_ids) for p in prompts), dtype=torch.bool)
+    start = 0
+    for prompt in prompts:
+        for group in prompt.image_groups:
+            mask[start + group.offset : start + group.end] = True
+        start += len(prompt.token_ids)
+    return mask.to(device)
+
+
 class VisionLanguagePipeline:
     def __init__(
         self,
@@ -98,9 +109,9 @@ class VisionLanguagePipeline:
             [p.prompt.image_groups for p in batch],
             self.device,
         )
-        logits = self.model.compute_logits(
-            self.model(ids, ctx, torch.cat(embeds) if embeds else None)
-        )
+        mask = image_mask([p.prompt for p in batch], self.device)
+        hidden = self.model(ids, ctx, torch.cat(embeds) if embeds else None, mask)
+        logits = self.model.compute_logits(hidden)
         return list(logits.split(ctx.query_lens_cpu))
 
     def generate(self, prepared: PreparedPrompt, max_new_tokens: int, **paging: Any) -> list[int]:

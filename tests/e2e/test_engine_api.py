@@ -240,3 +240,19 @@ def test_png_bytes_and_pil_share_the_image_hash(engine, image):
         GREEDY,
     )
     assert engine.stats()["vision_encoder"]["items_encoded"] - before == 1
+
+
+def test_a_generated_image_token_is_plain_text(engine):
+    """The image soft-token id is in the vocabulary: when the model samples it, the next step
+    embeds it as text (as transformers does), it is not mistaken for an image placeholder."""
+    image_token = engine.model_config.image_tokens.image_token_id
+    params = [
+        SamplingParams(
+            temperature=50.0, seed=10 + i, max_tokens=200, min_tokens=200, ignore_eos=True
+        )
+        for i in range(4)
+    ]
+    outs = engine.generate(["a b c"] * 4, params)
+    assert any(image_token in o.token_ids for o in outs)  # the seeds make it happen
+    assert all(len(o.token_ids) == 200 for o in outs)
+    assert not engine.has_unfinished() and engine.core.all_blocks_free()

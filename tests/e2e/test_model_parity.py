@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
-from vlm_engine.pipeline import VisionLanguagePipeline
+from vlm_engine.frontend.prompt import PromptInputs
+from vlm_engine.pipeline import PreparedPrompt, VisionLanguagePipeline, image_mask
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.testing import make_tiny_checkpoint
 
@@ -176,7 +177,8 @@ def test_masks_matter(ours, hf):
     ids = torch.tensor(prepared.prompt.token_ids, device=DEVICE)
     embeds = ours.image_embeds(prepared).flatten(0, 1)
     causal_only = ForwardContext.full_sequences([len(ids)], [[]], DEVICE)
-    logits = ours.model.compute_logits(ours.model(ids, causal_only, embeds))
+    mask = image_mask([prepared.prompt], DEVICE)
+    logits = ours.model.compute_logits(ours.model(ids, causal_only, embeds, mask))
     assert rel_err(logits, ref) > 1e-3
     windows = [layer.self_attn.window for layer in ours.model.language_model.layers]
     assert None in windows and 16 in windows  # both layer types present
@@ -240,4 +242,16 @@ def test_text_only_checkpoint_matches_transformers(tmp_path):
     (logits,) = ours.forward_logits([prepared])
     with torch.inference_mode():
         ref = model(input_ids=ids.to(DEVICE)).logits[0]
+    assert rel_err(logits, ref) <= REL_TOL
+
+
+def test_image_token_ids_in_text_are_embedded_as_text(ours, hf):
+    """Token ids that merely equal the image token (e.g. generated ones) take the token's own
+    embedding, as in transformers when no pixels come with them."""
+    image_token = ours.config.image_tokens.image_token_id
+    ids = [ours.tokenizer.bos_token_id, 20, image_token, 31, image_token, 40]
+    prepared = PreparedPrompt(PromptInputs(ids, []), None)
+    (logits,) = ours.forward_logits([prepared])
+    with torch.inference_mode():
+        ref = hf[0](input_ids=torch.tensor([ids], device=DEVICE)).logits[0]
     assert rel_err(logits, ref) <= REL_TOL

@@ -160,27 +160,28 @@ class Gemma3Model(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, ctx: ForwardContext, image_embeds: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        ctx: ForwardContext,
+        image_embeds: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # input_ids: [T]  image_embeds: [num image tokens in input_ids, hidden], in token order
-        # -> hidden states [T, hidden]
-        embeds = self._embed_inputs(input_ids, image_embeds)
-        return self.language_model(embeds, ctx)
+        # input_ids: [T]  image_mask: [T] bool, the rows that take image_embeds
+        # image_embeds: [image_mask.sum(), hidden] in token order -> hidden states [T, hidden]
+        return self.language_model(self._embed_inputs(input_ids, image_embeds, image_mask), ctx)
 
-    def _embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None):
-        if self.config.image_tokens is None:
-            return self.language_model.embed(input_ids)
-        is_image = input_ids == self.config.image_tokens.image_token_id
-        # Image soft tokens get the vision embeddings, unscaled; their own id may be out of vocab.
-        embeds = self.language_model.embed(input_ids.masked_fill(is_image, 0))
-        num_image_tokens = int(is_image.sum())
-        num_embeds = 0 if image_embeds is None else image_embeds.shape[0]
-        if num_image_tokens != num_embeds:
-            raise InvalidInputError(
-                f"{num_image_tokens} image tokens in the input but {num_embeds} image embeddings"
-            )
-        if num_embeds:
-            embeds[is_image] = image_embeds.to(embeds.dtype)
+    def _embed_inputs(self, input_ids, image_embeds, image_mask) -> torch.Tensor:
+        image = self.config.image_tokens
+        if image is not None and image.image_token_id >= self.config.text.vocab_size:
+            # transformers embeds an out-of-vocabulary image token id as the pad token
+            input_ids = input_ids.masked_fill(input_ids == image.image_token_id, 0)
+        embeds = self.language_model.embed(input_ids)
+        if image_embeds is None:
+            return embeds
+        if image_mask is None or int(image_mask.sum()) != image_embeds.shape[0]:
+            raise InvalidInputError("image_embeds needs an image_mask with one row per embedding")
+        # Image rows take the vision embeddings as they are: they are not scaled by sqrt(hidden).
+        embeds[image_mask] = image_embeds.to(embeds.dtype)
         return embeds
 
     @torch.inference_mode()

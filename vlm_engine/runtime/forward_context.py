@@ -12,6 +12,7 @@ which attend bidirectionally inside their group) and, on sliding layers, `k > p 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,17 @@ class ImageGroup:
         return self.offset + self.length
 
 
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The sequences of a step that have a single query token, gathered for one batched pass."""
+
+    seq_ids: list[int]
+    rows: torch.Tensor  # [S] token row of each
+    slots: torch.Tensor  # [S, L] KV slot of each key position (0 past the sequence's end)
+    valid: torch.Tensor  # [S, L] key position < seq_len
+    key_positions: torch.Tensor  # [L]
+
+
 @dataclass
 class ForwardContext:
     positions: torch.Tensor  # [T] int64
@@ -43,6 +55,24 @@ class ForwardContext:
     kv_caches: Sequence[torch.Tensor] | None = (
         None  # per layer [2, blocks, block_size, kv_heads, dim]
     )
+
+    @functools.cached_property
+    def decode_batch(self) -> DecodeBatch | None:
+        """Built once per step on first use, shared by every layer; None without decodes."""
+        seq_ids = [i for i, n in enumerate(self.query_lens_cpu) if n == 1]
+        if not self.uses_kv_cache or len(seq_ids) < 2:
+            return None
+        device = self.positions.device
+        block_size = self.kv_caches[0].shape[2]
+        seq_lens = self.seq_lens[seq_ids].long()
+        key_positions = torch.arange(int(seq_lens.max()), device=device)
+        tables = self.block_tables[seq_ids].long()
+        num_blocks = tables.shape[1]
+        block_index = (key_positions // block_size).clamp(max=num_blocks - 1)
+        slots = tables[:, block_index] * block_size + key_positions % block_size
+        valid = key_positions[None, :] < seq_lens[:, None]
+        rows = self.query_start_loc[seq_ids].long()
+        return DecodeBatch(seq_ids, rows, slots.masked_fill(~valid, 0), valid, key_positions)
 
     @property
     def num_seqs(self) -> int:

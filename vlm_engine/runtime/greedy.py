@@ -95,6 +95,7 @@ def _step(model, tokens, start, end, groups, caches, block_table, image_rows) ->
     )
     rows = [image_rows[p] for p in range(start, end) if p in image_rows]
     embeds = torch.stack(rows) if rows else None
+    mask = torch.tensor([p in image_rows for p in range(start, end)], device=device)
     ids = torch.tensor(tokens[start:end], device=device)
-    hidden = model(ids, ctx, embeds)
+    hidden = model(ids, ctx, embeds, mask)
     return model.compute_logits(hidden[-1:])[0]

@@ -35,8 +35,8 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         self.drop_encoder_outputs(step.free_encoder_hashes)
         self._run_encoder(step.chunks)
-        ids, ctx, image_embeds = self._prepare_inputs(step.chunks)
-        hidden = self.model(ids, ctx, image_embeds)
+        ids, ctx, image_embeds, image_mask = self._prepare_inputs(step.chunks)
+        hidden = self.model(ids, ctx, image_embeds, image_mask)
         sampling = [c for c in step.chunks if c.samples]
         if not sampling:
             return ModelRunnerOutput({}, {})
@@ -68,11 +68,13 @@ class ModelRunner:
             self.encoder_cache[mm_hash] = item.flatten(0, 1)
 
     def _prepare_inputs(self, chunks: list[ScheduledChunk]):
-        ids, slots, rows, tables = [], [], [], []
+        ids, slots, rows, mask, tables = [], [], [], [], []
         for chunk in chunks:
             ids += chunk.request.all_token_ids[chunk.start : chunk.end]
             slots += self._slots(chunk)
-            rows += self._image_rows(chunk)
+            chunk_rows, chunk_mask = self._image_rows(chunk)
+            rows += chunk_rows
+            mask += chunk_mask
             tables.append(chunk.block_ids)
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
@@ -86,24 +88,27 @@ class ModelRunner:
             kv_caches=self.kv_caches,
         )
         image_embeds = torch.stack(rows) if rows else None
-        return torch.tensor(ids, device=self.device), ctx, image_embeds
+        image_mask = torch.tensor(mask, device=self.device) if rows else None
+        return torch.tensor(ids, device=self.device), ctx, image_embeds, image_mask
 
     def _slots(self, chunk: ScheduledChunk) -> list[int]:
         bs, blocks = self.block_size, chunk.block_ids
         return [blocks[p // bs] * bs + p % bs for p in range(chunk.start, chunk.end)]
 
-    def _image_rows(self, chunk: ScheduledChunk) -> list[torch.Tensor]:
-        """Embedding rows for the image tokens of the chunk, in token order."""
-        rows = []
+    def _image_rows(self, chunk: ScheduledChunk) -> tuple[list[torch.Tensor], list[bool]]:
+        """Embedding rows for the image tokens of the chunk in token order, and which of the
+        chunk's tokens take them (by position: a generated token is text whatever its id)."""
+        rows, mask = [], [False] * chunk.num_tokens
         for feature in chunk.request.mm_features:
-            embeds, base = None, 0
+            base = 0
             for group in feature.placeholder.groups:
                 lo, hi = max(group.offset, chunk.start), min(group.end, chunk.end)
                 if lo < hi:
-                    embeds = self.encoder_cache[feature.mm_hash] if embeds is None else embeds
+                    embeds = self.encoder_cache[feature.mm_hash]
                     rows += list(embeds[base + lo - group.offset : base + hi - group.offset])
+                    mask[lo - chunk.start : hi - chunk.start] = [True] * (hi - lo)
                 base += group.length
-        return rows
+        return rows, mask
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> ModelRunnerOutput:
         batch = SamplingBatch.from_rows(
