@@ -256,3 +256,16 @@ def test_a_generated_image_token_is_plain_text(engine):
     assert any(image_token in o.token_ids for o in outs)  # the seeds make it happen
     assert all(len(o.token_ids) == 200 for o in outs)
     assert not engine.has_unfinished() and engine.core.all_blocks_free()
+
+
+def test_preempted_seeded_requests_sample_what_they_would_have(checkpoint, image):
+    prompts = [TEXT, {"prompt": "<start_of_image>" + TEXT, "images": [image]}, TEXT + " now"] * 4
+    params = [
+        SamplingParams(temperature=1.0, top_k=50, seed=i, max_tokens=24, min_tokens=24)
+        for i in range(len(prompts))
+    ]
+    roomy = Engine(checkpoint, device="cpu", dtype="float32").generate(prompts, params)
+    tight = Engine(checkpoint, device="cpu", dtype="float32", num_kv_blocks=12, block_size=8)
+    outs = tight.generate(prompts, params)
+    assert tight.stats()["scheduler"]["num_preemptions"] > 0
+    assert tokens(outs) == tokens(roomy)
