@@ -12,40 +12,15 @@ from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
 from vlm_engine import Engine, SamplingParams
 from vlm_engine.testing import make_tiny_checkpoint
+from vlm_engine.testing.samples import WORDS, random_words
+from vlm_engine.testing.samples import random_image as sample_image
 
-WORDS = [
-    "the",
-    "red",
-    "circle",
-    "sits",
-    "left",
-    "of",
-    "a",
-    "blue",
-    "square",
-    "while",
-    "two",
-    "green",
-    "triangles",
-    "wait",
-    "above",
-    "small",
-    "large",
-    "in",
-    "corner",
-    "center",
-]
 NUM_IMAGES = 5
 
 
 def random_image(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    width, height = rng.integers(20, 90, 2)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def words(rng: np.random.Generator, n: int) -> str:
-    return " ".join(rng.choice(WORDS, n)) if n else ""
+    width, height = np.random.default_rng(seed).integers(20, 90, 2)
+    return sample_image(int(width), int(height), seed)
 
 
 def make_specs() -> list[tuple[str, list[int], int]]:
@@ -53,17 +28,17 @@ def make_specs() -> list[tuple[str, list[int], int]]:
     rng = np.random.default_rng(0)
     specs = [
         ("Tell me about shapes.", [], 6),
-        (words(rng, 70), [], 9),  # several sliding windows long, text only
+        (random_words(rng, 70), [], 9),  # several sliding windows long, text only
         ("<start_of_image>What is this?", [0], 8),
         ("<start_of_image>Describe the colors.", [0], 7),  # same image and prefix, new question
         ("Compare <start_of_image> and <start_of_image>.", [1, 2], 10),
-        (f"{words(rng, 40)} <start_of_image> {words(rng, 30)}", [3], 12),
+        (f"{random_words(rng, 40)} <start_of_image> {random_words(rng, 30)}", [3], 12),
     ]
     while len(specs) < 18:
         num_images = int(rng.integers(0, 3))
-        parts = [words(rng, int(rng.integers(0, 40)))]
+        parts = [random_words(rng, int(rng.integers(0, 40)))]
         for _ in range(num_images):
-            parts += ["<start_of_image>", words(rng, int(rng.integers(0, 25)))]
+            parts += ["<start_of_image>", random_words(rng, int(rng.integers(0, 25)))]
         images = rng.integers(0, NUM_IMAGES, num_images).tolist()
         specs.append((" ".join(parts), images, int(rng.integers(3, 13))))
     return specs

@@ -11,34 +11,17 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoProcessor, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
 from vlm_engine.frontend.prompt import PromptInputs
 from vlm_engine.pipeline import PreparedPrompt, VisionLanguagePipeline, image_mask
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.testing import make_tiny_checkpoint
+from vlm_engine.testing.samples import random_image, random_words
 
 REL_TOL = 1e-4
 # The same tests run on a GPU with VLM_TEST_DEVICE=cuda (float32 there too).
 DEVICE = os.environ.get("VLM_TEST_DEVICE", "cpu")
-WORDS = [
-    "the",
-    "red",
-    "circle",
-    "sits",
-    "left",
-    "of",
-    "a",
-    "blue",
-    "square",
-    "while",
-    "two",
-    "green",
-    "triangles",
-    "wait",
-    "above",
-]
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -46,14 +29,8 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).abs().max() / ref.abs().max())
 
 
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
 def long_text(num_words: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    return " ".join(rng.choice(WORDS, num_words))
+    return random_words(np.random.default_rng(seed), num_words)
 
 
 @pytest.fixture(scope="module")
