@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from vlm_engine.caches.ec_connector import make_connector, model_fingerprint
 from vlm_engine.config import ModelConfig
 from vlm_engine.core.engine_core import EngineCore
 from vlm_engine.core.request import RequestStatus
@@ -56,10 +57,12 @@ class Engine:
             self.tokenizer,
             self._image_processor(),
             model_id=str(self.checkpoint_dir.resolve()),
+            engine_config=self.config,
             max_model_len=self.max_model_len,
-            max_num_batched_tokens=self.config.max_num_batched_tokens,
         )
-        self.core = EngineCore(model, self.config, num_blocks, self.max_model_len)
+        fingerprint = model_fingerprint(self.checkpoint_dir, dtype)
+        self.connector = make_connector(self.config.ec_connector, fingerprint)
+        self.core = EngineCore(model, self.config, num_blocks, self.max_model_len, self.connector)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._counters = {
@@ -196,14 +199,21 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         core = self.core.stats()
         kv = self.core.kv_manager
+        processor = self.input_processor
+        hasher = processor.hasher.stats() if processor.hasher is not None else {}
+        connector = self.connector.stats() if self.connector is not None else {"enabled": False}
+        prefix = core.pop("prefix_cache")
+        prefix["misses"] = prefix["queries"] - prefix["hits"]
         return {
+            "processor_cache": {**processor.processor_cache.stats(), **hasher},
+            "ec_connector": connector,
+            "prefix_cache": prefix,
             "kv_cache": {
                 "usage": core.pop("kv_cache_usage"),
                 "num_blocks": kv.num_blocks,
                 "block_size": kv.block_size,
                 "num_free_blocks": kv.num_free_blocks,
             },
-            "prefix_cache": core.pop("prefix_cache"),
             "encoder_cache": core.pop("encoder_cache"),
             "vision_encoder": core.pop("vision_encoder"),
             "scheduler": core,
@@ -211,8 +221,10 @@ class Engine:
         }
 
     def close(self) -> None:
-        """Abort what is left and release the KV cache."""
+        """Abort what is left, finish pending connector saves, release the KV cache."""
         self.abort_request(list(self.output_processor.states))
+        if self.connector is not None:
+            self.connector.close()
         self.core.runner.kv_caches = []
 
     def __enter__(self) -> Engine:
@@ -244,7 +256,10 @@ class Engine:
         )
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
-        by_memory = int(self.config.kv_cache_memory_gb * 2**30) // block_bytes
+        memory_gb = self.config.kv_cache_memory_gb
+        if memory_gb is None:
+            memory_gb = 4.0 if model.language_model.embed_tokens.weight.is_cuda else 0.25
+        by_memory = int(memory_gb * 2**30) // block_bytes
         max_len = self.config.max_model_len or _DEFAULT_MAX_MODEL_LEN
         needed = self.config.max_num_seqs * -(-max_len // self.config.block_size)
         return max(2, min(by_memory, needed))

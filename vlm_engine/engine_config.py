@@ -16,14 +16,25 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None  # None: min(model's max positions, 8192)
     num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0
+    kv_cache_memory_gb: float | None = None  # None: 0.25 on a CPU, 4 on a GPU
     enable_prefix_caching: bool = True
+    encoder_cache_size: int = 16384  # image embeddings kept on the device (256 per Gemma3 image)
+    encoder_compute_budget: int = 4096  # image embeddings the vision tower may compute per step
+    processor_cache_bytes: int = 512 * 2**20  # preprocessed pixels kept in memory; 0 disables
+    ec_connector: str | None = None  # "disk:/path[?size_gb=N]" or "redis://host:port/db"
+    max_image_pixels: int | None = 64 * 2**20  # larger images are rejected (decompression bombs)
     scheduling_policy: str = "fcfs"  # or "priority" (lower value first)
     seed: int | None = None  # seeds unseeded sampling; None: fresh entropy
     processor_options: dict[str, Any] = field(default_factory=dict)  # e.g. do_pan_and_scan
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "encoder_cache_size",
+            "encoder_compute_budget",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -31,7 +42,11 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 2):
                 raise ValueError(f"{name} must be an int >= 2 or None, got {value!r}")
-        if not self.kv_cache_memory_gb > 0:
+        if not isinstance(self.processor_cache_bytes, int) or self.processor_cache_bytes < 0:
+            raise ValueError(
+                f"processor_cache_bytes must be an int >= 0, got {self.processor_cache_bytes!r}"
+            )
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(

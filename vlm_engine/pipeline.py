@@ -90,7 +90,7 @@ class VisionLanguagePipeline:
         return PreparedPrompt(prompt, pixels)
 
     def prepare_chat(self, messages: Sequence[dict[str, Any]]) -> PreparedPrompt:
-        rendered, images = split_messages(messages)
+        rendered, images, _ = split_messages(messages)
         return self.prepare(render_chat(self.tokenizer, rendered), images, add_bos=False)
 
     def image_embeds(self, prepared: PreparedPrompt) -> torch.Tensor | None:

@@ -228,7 +228,8 @@ def test_two_engines_in_one_process(checkpoint, tmp_path, image):
     assert alone_a.token_ids != alone_b.token_ids
 
 
-def test_png_bytes_and_pil_share_the_image_hash(engine, image):
+def test_png_bytes_and_pil_share_the_image_hash(engine):
+    image = Image.fromarray(np.random.default_rng(77).integers(0, 256, (30, 30, 3), dtype=np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     before = engine.stats()["vision_encoder"]["items_encoded"]

@@ -80,8 +80,8 @@ def test_split_messages_extracts_images_in_order():
             ],
         },
     ]
-    rendered, images = split_messages(messages)
-    assert images == ["a.png", "b.png"]
+    rendered, images, uuids = split_messages(messages)
+    assert images == ["a.png", "b.png"] and uuids == [None, None]
     assert rendered[1]["content"][0] == {"type": "image"}
 
 
@@ -104,7 +104,7 @@ def test_bad_messages_are_rejected(messages, match):
 
 
 def test_template_errors_become_prompt_errors(builder):
-    rendered, _ = split_messages(
+    rendered, _, _ = split_messages(
         [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     )
     with pytest.raises(InvalidPromptError, match="alternate"):

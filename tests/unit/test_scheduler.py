@@ -2,6 +2,7 @@
 
 Each test builds `Request`s by hand and drives `schedule()` / `update_from_output()` the way the
 engine core does, sampling `OUT` (a token that stops nothing) for every chunk that samples.
+The encoder cache's own rules (LRU eviction, capacity, compute budget) are in test_encoder_cache.py.
 """
 
 import random
@@ -25,7 +26,14 @@ IMAGE_TOKEN = 5
 
 
 def make_scheduler(num_blocks=64, max_model_len=4096, **options):
-    options = {"max_num_batched_tokens": 64, "block_size": BLOCK_SIZE, **options}
+    """A scheduler whose encoder cache and compute budget are roomy unless a test says otherwise."""
+    options = {
+        "max_num_batched_tokens": 64,
+        "block_size": BLOCK_SIZE,
+        "encoder_cache_size": 256,
+        "encoder_compute_budget": 256,
+        **options,
+    }
     config = EngineConfig(**options)
     kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
     return Scheduler(config, kv, max_model_len)
@@ -191,7 +199,9 @@ def test_a_prefix_hit_ending_inside_an_image_is_followed_by_the_rest_of_the_imag
     output, _ = run_step(scheduler)
     assert layout(output) == [("d", 30, 1), ("b", 32, 8)]
     chunk = chunk_of(output, "b")
-    assert chunk.encoder_inputs == [0]  # the rest of the image needs its embeddings
+    # The rest of the image needs its embeddings: a's are still cached, so nothing is encoded.
+    assert chunk.encoder_inputs == [] and output.free_encoder_hashes == []
+    assert scheduler.encoder_cache.stats()["hits"] == 1
     assert b.output_token_ids == [OUT] and b.num_cached_tokens == 32
 
 
@@ -352,11 +362,19 @@ def test_requests_sharing_an_image_in_one_step_encode_it_once():
     output = scheduler.schedule()
     assert [c.encoder_inputs for c in output.chunks] == [[0], []]
     assert cache.refs == {"cat": {"a", "b"}}
-    assert cache.stats() == {"entries": 1, "encoded": 1, "hits": 1}
+    assert cache.stats() == {
+        "hits": 1,
+        "misses": 1,
+        "evictions": 0,
+        "entries": 1,
+        "used_embeddings": 4,
+        "capacity_embeddings": 256,
+    }
 
     scheduler.update_from_output(output, {"a": OUT, "b": OUT})
-    assert cache.refs == {}
-    assert scheduler.schedule().free_encoder_hashes == ["cat"]  # once, not once per request
+    assert cache.refs == {"cat": set()} and dict(cache.unreferenced) == {"cat": 4}
+    assert cache.num_referenced() == 0
+    assert scheduler.schedule().free_encoder_hashes == []  # unreferenced, but still cached
 
 
 def test_encoder_refs_are_released_once_the_whole_image_is_computed():
@@ -369,24 +387,50 @@ def test_encoder_refs_are_released_once_the_whole_image_is_computed():
     output = scheduler.schedule()
     assert layout(output) == [("a", 8, 8)] and output.chunks[0].encoder_inputs == [0]
     assert cache.refs == {"dog": {"a"}} and output.free_encoder_hashes == []
+    assert cache.num_referenced() == 1 and not cache.unreferenced
     scheduler.update_from_output(output, {})
-    assert cache.refs == {}
+    assert cache.refs == {"dog": set()} and list(cache.unreferenced) == ["dog"]
+    assert cache.num_referenced() == 0
 
-    output, _ = run_step(scheduler)
-    assert output.free_encoder_hashes == ["dog"]
-    output, _ = run_step(scheduler)
-    assert output.free_encoder_hashes == []
+    # Kept for a later request: the runner is never told to drop it while nothing needs room.
+    for _ in range(2):
+        output, _ = run_step(scheduler)
+        assert output.free_encoder_hashes == [] and cache.is_cached("dog")
 
 
-def test_a_released_image_scheduled_again_is_listed_again_with_its_free():
-    """The runner frees before it encodes, so a hash both freed and needed is encoded afresh."""
+def test_a_released_image_scheduled_again_is_a_cache_hit():
     scheduler = make_scheduler(max_num_batched_tokens=8)
     add(scheduler, make_request("a", 8, images=[("cat", 2, 4)]))
     run_step(scheduler)  # a computes and releases cat
     add(scheduler, make_request("b", 8, images=[("cat", 2, 4)]))
     output, _ = run_step(scheduler)
-    assert output.free_encoder_hashes == ["cat"]
-    assert chunk_of(output, "b").encoder_inputs == [0]
+    assert chunk_of(output, "b").encoder_inputs == [] and output.free_encoder_hashes == []
+    assert scheduler.encoder_cache.refs == {"cat": set()}  # b computed it too, and released it
+    stats = scheduler.encoder_cache.stats()
+    assert (stats["hits"], stats["misses"]) == (1, 1)
+
+
+def test_an_evicted_image_scheduled_again_is_listed_again_with_its_free():
+    """The runner frees before it encodes, so a hash both freed and needed is encoded afresh."""
+    scheduler = make_scheduler(encoder_cache_size=8)
+    cache = scheduler.encoder_cache
+    add(scheduler, make_request("a", 8, images=[("cat", 2, 4)]))
+    run_step(scheduler)
+    add(scheduler, make_request("b", 8, images=[("owl", 2, 4)]))
+    run_step(scheduler)
+    assert list(cache.unreferenced) == ["cat", "owl"] and cache.num_free == 0
+
+    # c's dog evicts cat (the older); d's cat, needed again in the same step, evicts owl.
+    add(
+        scheduler,
+        make_request("c", 8, images=[("dog", 2, 4)]),
+        make_request("d", 8, images=[("cat", 2, 4)]),
+    )
+    output, _ = run_step(scheduler)
+    assert layout(output) == [("a", 9, 1), ("b", 8, 1), ("c", 0, 8), ("d", 0, 8)]
+    assert output.free_encoder_hashes == ["cat", "owl"]
+    assert [chunk_of(output, rid).encoder_inputs for rid in "cd"] == [[0], [0]]
+    assert set(cache.refs) == {"dog", "cat"} and cache.stats()["evictions"] == 2
 
 
 # --- stop conditions ----------------------------------------------------------------------------
@@ -494,20 +538,26 @@ def test_a_request_finished_while_its_step_runs_is_skipped_and_releases_its_imag
     scheduler = make_scheduler()
     a, b = add(scheduler, make_request("a", 10, images=[("cat", 2, 4)]), make_request("b", 6))
     output = scheduler.schedule()
-    assert scheduler.encoder_cache.refs == {"cat": {"a"}}
+    cache = scheduler.encoder_cache
+    assert cache.refs == {"cat": {"a"}}
     scheduler.finish(a, RequestStatus.FINISHED_ABORTED)
-    assert scheduler.encoder_cache.refs == {}
+    assert cache.refs == {"cat": set()} and list(cache.unreferenced) == ["cat"]
 
     finished = scheduler.update_from_output(output, {"a": OUT, "b": OUT})
     assert finished == []
     assert a.num_computed_tokens == 0 and a.output_token_ids == []
     assert b.num_computed_tokens == 6 and b.output_token_ids == [OUT]
-    assert scheduler.schedule().free_encoder_hashes == ["cat"]
+    assert cache.num_referenced() == 0
+
+    # The runner encoded cat in that step: a later request with it is a hit.
+    (c,) = add(scheduler, make_request("c", 10, images=[("cat", 2, 4)]))
+    output = scheduler.schedule()
+    assert output.free_encoder_hashes == [] and chunk_of(output, "c").encoder_inputs == []
 
 
 # --- a random workload against the invariants ---------------------------------------------------
 
-IMAGE_LENGTHS = {"cat": 6, "dog": 8, "owl": 12}
+IMAGE_LENGTHS = {"cat": 4, "dog": 6, "owl": 8}
 SYSTEM_PROMPT = list(range(100, 112))  # shared by some prompts, for prefix hits
 
 
@@ -532,7 +582,13 @@ def random_request(rng, index):
 
 def check_step(scheduler, output, running_before):
     config = scheduler.config
+    cache = scheduler.encoder_cache
     assert output.num_tokens <= config.max_num_batched_tokens
+    encoded = [c.request.mm_features[i] for c in output.chunks for i in c.encoder_inputs]
+    assert len({f.mm_hash for f in encoded}) == len(encoded)  # each image encoded once
+    assert sum(f.placeholder.num_embeds for f in encoded) <= config.encoder_compute_budget
+    assert sum(cache.sizes.values()) == cache.capacity - cache.num_free <= cache.capacity
+    assert set(cache.unreferenced) == {h for h, owners in cache.refs.items() if not owners}
     assert len(scheduler.running) <= config.max_num_seqs
     ids = [c.request.request_id for c in output.chunks]
     assert len(set(ids)) == len(ids) and not set(ids) & set(output.preempted_ids)
@@ -551,12 +607,20 @@ def check_step(scheduler, output, running_before):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_random_workload_keeps_the_invariants_and_frees_everything(seed, policy):
     rng = random.Random(seed)
+    # The cache holds two of the three images (not dog with owl); a step computes cat and dog, or
+    # owl alone. With 24 tokens a step, both limits bind, not only the token budget.
     scheduler = make_scheduler(
-        num_blocks=16, max_num_batched_tokens=16, max_num_seqs=4, scheduling_policy=policy
+        num_blocks=16,
+        max_num_batched_tokens=24,
+        max_num_seqs=4,
+        scheduling_policy=policy,
+        encoder_cache_size=12,
+        encoder_compute_budget=10,
     )
-    requests = [random_request(rng, i) for i in range(24)]
+    cache = scheduler.encoder_cache
+    requests = [random_request(rng, i) for i in range(32)]
     pending = list(requests)
-    runner_cache: set[str] = set()  # what the model runner holds: frees first, then encodes
+    runner_cache: set[str] = set()  # what the model runner holds: drops evictions, then encodes
     aborted = set()
     for _ in range(2000):
         for _ in range(rng.randint(0, 2)):
@@ -571,21 +635,35 @@ def test_a_random_workload_keeps_the_invariants_and_frees_everything(seed, polic
         running_before = {r.request_id for r in scheduler.running}
         output = scheduler.schedule()
         check_step(scheduler, output, running_before)
+        assert runner_cache >= set(output.free_encoder_hashes)  # only what it holds is evicted
         runner_cache -= set(output.free_encoder_hashes)
         for chunk in output.chunks:
-            runner_cache |= {chunk.request.mm_features[i].mm_hash for i in chunk.encoder_inputs}
+            for i in chunk.encoder_inputs:
+                assert chunk.request.mm_features[i].mm_hash not in runner_cache  # no recompute
+                runner_cache.add(chunk.request.mm_features[i].mm_hash)
+        assert runner_cache == set(cache.refs)  # the runner holds exactly the books' entries
         for chunk in output.chunks:
             for feature in chunk.request.mm_features:
                 if feature.offset < chunk.end and chunk.start < feature.offset + feature.length:
-                    assert feature.mm_hash in runner_cache
+                    assert chunk.request.request_id in cache.refs[feature.mm_hash]
         sampled = {c.request.request_id: OUT for c in output.chunks if c.samples}
         scheduler.update_from_output(output, sampled)
+        for mm_hash, owners in cache.refs.items():  # referenced only while still needed
+            for owner in owners:
+                request = scheduler.requests[owner]
+                assert any(
+                    f.mm_hash == mm_hash and f.offset + f.length > request.num_computed_tokens
+                    for f in request.mm_features
+                )
     else:
         pytest.fail("the workload did not finish in 2000 steps")
 
     assert scheduler.num_preemptions > 0
-    assert scheduler.kv.all_blocks_free() and scheduler.encoder_cache.refs == {}
-    assert runner_cache <= set(scheduler.encoder_cache.freed)  # every entry is freed in time
+    assert scheduler.kv.all_blocks_free() and cache.num_referenced() == 0
+    assert set(cache.unreferenced) == set(cache.refs) == runner_cache  # cached, evictable
+    stats = cache.stats()
+    assert stats["evictions"] > 0 and stats["hits"] > 0
+    assert stats["misses"] == stats["evictions"] + stats["entries"]
     for request in requests:
         if request.request_id not in aborted:
             assert request.status == RequestStatus.FINISHED_LENGTH

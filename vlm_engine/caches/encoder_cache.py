@@ -1,35 +1,65 @@
 """Scheduler-side books of the encoder cache: which image embeddings the runner holds.
 
-An entry is keyed by mm_hash and referenced by every request that still has that image's tokens
-to compute; an image shared by requests scheduled together is encoded once. An entry is freed
-as soon as nothing references it, and the runner drops its tensor when told.
+Entries are keyed by mm_hash and sized in embeddings (rows of `[tokens, hidden]`). A request
+references an entry while it still has that image's tokens to compute; an image shared by
+requests is computed once. An entry nobody references stays cached, in LRU order, and is evicted
+only when a new entry needs its space; the runner drops the tensor when told (`take_freed`).
+Each step may compute at most `compute_budget` embeddings.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from vlm_engine.core.request import Request
 
 
 class EncoderCacheManager:
-    def __init__(self) -> None:
-        self.refs: dict[str, set[str]] = {}  # mm_hash -> ids of requests that need it
-        self.freed: list[str] = []  # unreferenced since the runner was last told
-        self.num_encoded = 0
+    def __init__(self, capacity: int, compute_budget: int):
+        self.capacity = capacity
+        self.compute_budget = compute_budget
+        self.refs: dict[str, set[str]] = {}  # cached mm_hash -> ids of requests that need it
+        self.sizes: dict[str, int] = {}  # cached mm_hash -> embeddings
+        self.unreferenced: OrderedDict[str, int] = OrderedDict()  # evictable, oldest first
+        self.num_free = capacity  # embeddings held by no entry at all
+        self.freed: list[str] = []  # evicted since the runner was last told
         self.num_hits = 0
+        self.num_misses = 0
+        self.num_evictions = 0
+
+    @property
+    def num_reclaimable(self) -> int:
+        return self.num_free + sum(self.unreferenced.values())
 
     def is_cached(self, mm_hash: str) -> bool:
         return mm_hash in self.refs
 
-    def acquire(self, request: Request, mm_hash: str) -> bool:
-        """Reference the entry for `request`; True when it must be computed (a miss)."""
+    def acquire_cached(self, request: Request, mm_hash: str) -> bool:
+        """Reference an entry already cached; False if it is not."""
         owners = self.refs.get(mm_hash)
-        if owners is not None:
-            self.num_hits += request.request_id not in owners
-            owners.add(request.request_id)
+        if owners is None:
             return False
-        self.refs[mm_hash] = {request.request_id}
-        self.num_encoded += 1
+        if request.request_id not in owners:
+            self.num_hits += 1
+            owners.add(request.request_id)
+        self.unreferenced.pop(mm_hash, None)
         return True
+
+    def can_allocate(self, size: int, budget_left: int) -> bool:
+        return size <= budget_left and size <= self.num_reclaimable
+
+    def allocate(self, request: Request, mm_hash: str, size: int) -> None:
+        """Make room (evicting unreferenced entries, oldest first) for an entry to compute."""
+        while self.num_free < size:
+            victim, victim_size = self.unreferenced.popitem(last=False)
+            del self.refs[victim], self.sizes[victim]
+            self.num_free += victim_size
+            self.freed.append(victim)
+            self.num_evictions += 1
+        self.refs[mm_hash] = {request.request_id}
+        self.sizes[mm_hash] = size
+        self.num_free -= size
+        self.num_misses += 1
 
     def release(self, request: Request, mm_hash: str) -> None:
         owners = self.refs.get(mm_hash)
@@ -37,8 +67,7 @@ class EncoderCacheManager:
             return
         owners.discard(request.request_id)
         if not owners:
-            del self.refs[mm_hash]
-            self.freed.append(mm_hash)
+            self.unreferenced[mm_hash] = self.sizes[mm_hash]
 
     def release_all(self, request: Request) -> None:
         for feature in request.mm_features:
@@ -48,5 +77,15 @@ class EncoderCacheManager:
         freed, self.freed = self.freed, []
         return freed
 
+    def num_referenced(self) -> int:
+        return sum(1 for owners in self.refs.values() if owners)
+
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self.refs), "encoded": self.num_encoded, "hits": self.num_hits}
+        return {
+            "hits": self.num_hits,
+            "misses": self.num_misses,
+            "evictions": self.num_evictions,
+            "entries": len(self.refs),
+            "used_embeddings": self.capacity - self.num_free,
+            "capacity_embeddings": self.capacity,
+        }

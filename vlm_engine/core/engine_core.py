@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_engine.caches.ec_connector import ECConnector
 from vlm_engine.caches.kv_cache_manager import KVCacheManager
 from vlm_engine.core.request import Request, RequestStatus
 from vlm_engine.core.scheduler import Scheduler
@@ -31,14 +32,19 @@ class EngineCoreOutput:
 
 class EngineCore:
     def __init__(
-        self, model: Gemma3Model, config: EngineConfig, num_blocks: int, max_model_len: int
+        self,
+        model: Gemma3Model,
+        config: EngineConfig,
+        num_blocks: int,
+        max_model_len: int,
+        connector: ECConnector | None = None,
     ):
         self.config = config
         self.kv_manager = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config, self.kv_manager, max_model_len)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.seed)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.seed, connector)
         self.num_steps = 0
 
     def add_request(self, request: Request) -> None:
@@ -96,12 +102,13 @@ class EngineCore:
     def stats(self) -> dict[str, object]:
         stats = self.scheduler.stats()
         stats["num_steps"] = self.num_steps
-        stats["vision_encoder"] = {"items_encoded": self.runner.num_items_encoded}
+        stats["vision_encoder"] = self.runner.encoder.stats()
         return stats
 
     def all_blocks_free(self) -> bool:
+        encoder = self.scheduler.encoder_cache
         return (
             self.kv_manager.all_blocks_free()
-            and not self.scheduler.encoder_cache.refs
-            and not self.runner.encoder_cache
+            and encoder.num_referenced() == 0
+            and set(self.runner.encoder.cache) == set(encoder.refs)
         )

@@ -50,7 +50,10 @@ class Scheduler:
     def __init__(self, config: EngineConfig, kv_manager: KVCacheManager, max_model_len: int):
         self.config = config
         self.kv = kv_manager
-        self.encoder_cache = EncoderCacheManager()
+        self.encoder_cache = EncoderCacheManager(
+            config.encoder_cache_size, config.encoder_compute_budget
+        )
+        self._encoder_budget = 0  # embeddings the current step may still compute
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -66,6 +69,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        self._encoder_budget = self.encoder_cache.compute_budget
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         if self.config.scheduling_policy == "priority":
@@ -113,7 +117,8 @@ class Scheduler:
         return budget
 
     def _chunk_size(self, request: Request, start: int, budget: int) -> int:
-        """Tokens to compute from `start`: at most `budget`, never ending inside an image span."""
+        """Tokens to compute from `start`: at most `budget`, never ending inside an image span,
+        and stopping before an image whose embeddings can be neither found nor computed now."""
         end = min(request.num_tokens, start + budget)
         for feature in request.mm_features:
             span_end = feature.offset + feature.length
@@ -123,16 +128,46 @@ class Scheduler:
                 if end - start > budget:
                     return 0
                 break
-        return end - start
+        return self._fit_encoder(request, start, end) - start
+
+    def _fit_encoder(self, request: Request, start: int, end: int) -> int:
+        cache = self.encoder_cache
+        overlapping = [f for f in request.mm_features if _overlaps(f, start, end)]
+        in_use = {f.mm_hash for f in overlapping}
+        reclaimable = cache.num_free + sum(
+            size for h, size in cache.unreferenced.items() if h not in in_use
+        )
+        planned: set[str] = set()
+        needed = 0
+        for feature in overlapping:
+            if feature.mm_hash in planned or cache.is_cached(feature.mm_hash):
+                continue
+            needed += feature.placeholder.num_embeds
+            if needed > min(self._encoder_budget, reclaimable):
+                return max(feature.offset, start)
+            planned.add(feature.mm_hash)
+        return end
 
     def _chunk(self, request: Request, start: int, num_tokens: int) -> ScheduledChunk:
+        overlapping = [
+            (i, f)
+            for i, f in enumerate(request.mm_features)
+            if _overlaps(f, start, start + num_tokens)
+        ]
+        # Reference what is cached first, so that making room cannot evict it.
+        missing = [
+            (i, f)
+            for i, f in overlapping
+            if not self.encoder_cache.acquire_cached(request, f.mm_hash)
+        ]
         encoder_inputs = []
-        for index, feature in enumerate(request.mm_features):
-            overlaps = (
-                feature.offset < start + num_tokens and start < feature.offset + feature.length
-            )
-            if overlaps and self.encoder_cache.acquire(request, feature.mm_hash):
-                encoder_inputs.append(index)
+        for index, feature in missing:
+            if self.encoder_cache.acquire_cached(request, feature.mm_hash):
+                continue  # the same image earlier in this prompt
+            size = feature.placeholder.num_embeds
+            self.encoder_cache.allocate(request, feature.mm_hash, size)
+            self._encoder_budget -= size
+            encoder_inputs.append(index)
         block_ids = self.kv.get_block_ids(request.request_id)
         return ScheduledChunk(request, start, num_tokens, block_ids, encoder_inputs)
 
@@ -153,9 +188,10 @@ class Scheduler:
             if request.is_finished:  # aborted while the step ran
                 continue
             request.num_computed_tokens = chunk.end
-            for feature in request.mm_features:
-                if feature.offset + feature.length <= chunk.end:
-                    self.encoder_cache.release(request, feature.mm_hash)
+            done = {f.mm_hash for f in request.mm_features if f.offset + f.length <= chunk.end}
+            pending = {f.mm_hash for f in request.mm_features if f.offset + f.length > chunk.end}
+            for mm_hash in done - pending:  # an image twice in a prompt: kept for its second use
+                self.encoder_cache.release(request, mm_hash)
             token = sampled.get(request.request_id)
             if token is None:
                 continue
@@ -203,6 +239,10 @@ class Scheduler:
             "prefix_cache": self.kv.prefix_cache_stats(),
             "encoder_cache": self.encoder_cache.stats(),
         }
+
+
+def _overlaps(feature, start: int, end: int) -> bool:
+    return feature.offset < end and start < feature.offset + feature.length
 
 
 def _priority_key(request: Request) -> tuple[int, float]:

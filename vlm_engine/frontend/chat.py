@@ -21,11 +21,14 @@ ROLES = ("system", "user", "assistant", "model")
 _IMAGE_KEYS = ("image", "url", "path")
 
 
-def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Validate messages; return template-ready messages and the image sources in order."""
+def split_messages(
+    messages: Sequence[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[Any], list[str | None]]:
+    """Validate messages; return template-ready messages, the image sources in order, and the
+    caller's id for each image (an item's optional "uuid"), None where it gave none."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise InvalidPromptError("messages must be a non-empty list of {'role', 'content'} dicts")
-    rendered, images = [], []
+    rendered, images, uuids = [], [], []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise InvalidPromptError(f"messages[{i}] must be a dict with 'role' and 'content'")
@@ -36,11 +39,11 @@ def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, A
             rendered.append({"role": message["role"], "content": content})
             continue
         items = [
-            _split_item(item, f"messages[{i}].content[{j}]", images)
+            _split_item(item, f"messages[{i}].content[{j}]", images, uuids)
             for j, item in enumerate(_content_list(content, i))
         ]
         rendered.append({"role": message["role"], "content": items})
-    return rendered, images
+    return rendered, images, uuids
 
 
 def render_chat(
@@ -63,7 +66,9 @@ def _content_list(content: Any, index: int) -> Sequence[Any]:
     raise InvalidPromptError(f"messages[{index}].content must be a string or a list of items")
 
 
-def _split_item(item: Any, where: str, images: list[Any]) -> dict[str, Any]:
+def _split_item(
+    item: Any, where: str, images: list[Any], uuids: list[str | None]
+) -> dict[str, Any]:
     if not isinstance(item, dict) or "type" not in item:
         raise InvalidPromptError(f"{where} must be a dict with a 'type'")
     if item["type"] == "text":
@@ -74,6 +79,10 @@ def _split_item(item: Any, where: str, images: list[Any]) -> dict[str, Any]:
         source = next((item[k] for k in _IMAGE_KEYS if item.get(k) is not None), None)
         if source is None:
             raise InvalidPromptError(f"{where}: an image item needs one of {_IMAGE_KEYS}")
+        uuid = item.get("uuid")
+        if uuid is not None and not isinstance(uuid, str):
+            raise InvalidPromptError(f"{where}: an image 'uuid' must be a string")
         images.append(source)
+        uuids.append(uuid)
         return {"type": "image"}
     raise InvalidPromptError(f"{where}: unsupported item type {item['type']!r} ('text', 'image')")

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_engine.caches.ec_connector import ECConnector
 from vlm_engine.core.request import Request
 from vlm_engine.core.scheduler import ScheduledChunk, SchedulerOutput
 from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.runtime.encoder_runner import EncoderRunner
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.runtime.greedy import allocate_kv_caches
 from vlm_engine.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
@@ -21,20 +23,26 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: Gemma3Model, num_blocks: int, block_size: int, seed: int | None):
+    def __init__(
+        self,
+        model: Gemma3Model,
+        num_blocks: int,
+        block_size: int,
+        seed: int | None,
+        connector: ECConnector | None = None,
+    ):
         self.model = model
         self.device = model.language_model.embed_tokens.weight.device
         self.block_size = block_size
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size)
         self.sampler = Sampler(seed)
-        self.encoder_cache: dict[str, torch.Tensor] = {}  # mm_hash -> [tokens, hidden]
-        self.num_items_encoded = 0  # images and crops run through the vision tower
+        self.encoder = EncoderRunner(model, connector)
         self.vocab_size = model.config.text.vocab_size
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         self.drop_encoder_outputs(step.free_encoder_hashes)
-        self._run_encoder(step.chunks)
+        self.encoder.run(step.chunks)
         ids, ctx, image_embeds, image_mask = self._prepare_inputs(step.chunks)
         hidden = self.model(ids, ctx, image_embeds, image_mask)
         sampling = [c for c in step.chunks if c.samples]
@@ -47,25 +55,7 @@ class ModelRunner:
         return self._sample(logits, [c.request for c in sampling])
 
     def drop_encoder_outputs(self, mm_hashes: list[str]) -> None:
-        for mm_hash in mm_hashes:
-            self.encoder_cache.pop(mm_hash, None)
-
-    def _run_encoder(self, chunks: list[ScheduledChunk]) -> None:
-        # Images of this step, each once: [items, 3, H, W] -> per image [crops*tokens, hidden]
-        todo: dict[str, torch.Tensor] = {}
-        for chunk in chunks:
-            for index in chunk.encoder_inputs:
-                feature = chunk.request.mm_features[index]
-                if feature.mm_hash not in self.encoder_cache:
-                    todo[feature.mm_hash] = feature.pixel_values
-        if not todo:
-            return
-        pixels = torch.cat(list(todo.values())).to(self.device, non_blocking=True)
-        embeds = self.model.embed_images(pixels)  # [items, mm_tokens, hidden]
-        self.num_items_encoded += embeds.shape[0]
-        sizes = [p.shape[0] for p in todo.values()]
-        for mm_hash, item in zip(todo, embeds.split(sizes), strict=True):
-            self.encoder_cache[mm_hash] = item.flatten(0, 1)
+        self.encoder.drop(mm_hashes)
 
     def _prepare_inputs(self, chunks: list[ScheduledChunk]):
         ids, slots, rows, mask, tables = [], [], [], [], []
@@ -104,7 +94,7 @@ class ModelRunner:
             for group in feature.placeholder.groups:
                 lo, hi = max(group.offset, chunk.start), min(group.end, chunk.end)
                 if lo < hi:
-                    embeds = self.encoder_cache[feature.mm_hash]
+                    embeds = self.encoder.cache[feature.mm_hash]
                     rows += list(embeds[base + lo - group.offset : base + hi - group.offset])
                     mask[lo - chunk.start : hi - chunk.start] = [True] * (hi - lo)
                 base += group.length

@@ -1,0 +1,63 @@
+"""Device side of the encoder cache: image embeddings by mm_hash, filled from the second-level
+connector when it has them, else by running the vision tower (whose results it then saves)."""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_engine.caches.ec_connector import ECConnector
+from vlm_engine.core.scheduler import ScheduledChunk
+from vlm_engine.models.gemma3 import Gemma3Model
+
+
+class EncoderRunner:
+    def __init__(self, model: Gemma3Model, connector: ECConnector | None):
+        self.model = model
+        self.connector = connector  # keyed by this model's fingerprint
+        self.cache: dict[str, torch.Tensor] = {}  # mm_hash -> [crops * tokens, hidden]
+        self.num_items_encoded = 0  # images and crops run through the vision tower
+        self.num_loaded = 0  # images taken from the connector
+
+    def drop(self, mm_hashes: list[str]) -> None:
+        for mm_hash in mm_hashes:
+            self.cache.pop(mm_hash, None)
+
+    def run(self, chunks: list[ScheduledChunk]) -> None:
+        """Make sure every image the scheduler listed for this step is in the cache."""
+        todo: dict[str, torch.Tensor] = {}
+        for chunk in chunks:
+            for index in chunk.encoder_inputs:
+                feature = chunk.request.mm_features[index]
+                if feature.mm_hash not in self.cache:
+                    todo[feature.mm_hash] = feature.pixel_values
+        if self.connector is not None and todo:
+            self._load(todo)
+        if todo:
+            self._encode(todo)
+
+    def _load(self, todo: dict[str, torch.Tensor]) -> None:
+        weight = self.model.language_model.embed_tokens.weight
+        hashes = list(todo)
+        loaded = self.connector.load_many(hashes, expected_shape_tail=(weight.shape[1],))
+        for mm_hash, tensor in zip(hashes, loaded, strict=True):
+            rows = todo[mm_hash].shape[0] * self.model.config.image_tokens.mm_tokens_per_image
+            if tensor is None or tensor.shape[0] != rows:
+                continue  # a miss (a verified entry of another size is not this image's)
+            self.cache[mm_hash] = tensor.to(weight.device, weight.dtype)
+            self.num_loaded += 1
+            del todo[mm_hash]
+
+    def _encode(self, todo: dict[str, torch.Tensor]) -> None:
+        # [items, 3, H, W] for all images of the step -> per image [crops * tokens, hidden]
+        device = self.model.language_model.embed_tokens.weight.device
+        pixels = torch.cat(list(todo.values())).to(device, non_blocking=True)
+        embeds = self.model.embed_images(pixels)
+        self.num_items_encoded += embeds.shape[0]
+        sizes = [p.shape[0] for p in todo.values()]
+        for mm_hash, item in zip(todo, embeds.split(sizes), strict=True):
+            self.cache[mm_hash] = item.flatten(0, 1)
+            if self.connector is not None:
+                self.connector.save(mm_hash, self.cache[mm_hash])
+
+    def stats(self) -> dict[str, int]:
+        return {"items_encoded": self.num_items_encoded, "images_loaded": self.num_loaded}
