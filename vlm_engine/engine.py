@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,9 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.output_processor.states:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        # The request's clock starts before its images are loaded and preprocessed.
         request, text = self.input_processor.process(
-            request_id, prompt, params, priority, cache_salt
+            request_id, prompt, params, priority, cache_salt, arrival_time=time.monotonic()
         )
         self.output_processor.add_request(
             request_id, text, params, request.num_prompt_tokens, request.arrival_time, stream
@@ -219,6 +221,16 @@ class Engine:
             "scheduler": core,
             "requests": dict(self._counters),
         }
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached KV block; only possible (True) when no request is running."""
+        return self.core.kv_manager.reset_prefix_cache()
+
+    def reset_mm_cache(self) -> None:
+        """Drop cached image data: preprocessed pixels, file-hash memo, and every image embedding
+        no running request needs (the second-level connector is left as it is)."""
+        self.input_processor.reset_cache()
+        self.core.evict_unreferenced_encoder_outputs()
 
     def close(self) -> None:
         """Abort what is left, finish pending connector saves, release the KV cache."""

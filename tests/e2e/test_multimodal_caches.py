@@ -172,3 +172,15 @@ def test_image_uuid_skips_hashing(checkpoint):
     (second,) = engine.generate(prompt, GREEDY)
     assert first.token_ids == second.token_ids and encoded(engine) == 1
     assert engine.stats()["processor_cache"]["hits"] == 1
+
+
+def test_reset_caches(checkpoint):
+    engine = Engine(checkpoint, **OPTIONS)
+    engine.generate(image_prompt(80), GREEDY)
+    engine.reset_mm_cache()
+    assert engine.reset_prefix_cache()
+    (out,) = engine.generate(image_prompt(80), GREEDY)
+    stats = engine.stats()
+    assert encoded(engine) == 2 and out.num_cached_tokens == 0
+    assert stats["processor_cache"]["hits"] == 0 and stats["processor_cache"]["memo_hits"] == 0
+    assert out.time_to_first_token > 0

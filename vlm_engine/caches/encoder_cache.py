@@ -51,15 +51,22 @@ class EncoderCacheManager:
     def allocate(self, request: Request, mm_hash: str, size: int) -> None:
         """Make room (evicting unreferenced entries, oldest first) for an entry to compute."""
         while self.num_free < size:
-            victim, victim_size = self.unreferenced.popitem(last=False)
-            del self.refs[victim], self.sizes[victim]
-            self.num_free += victim_size
-            self.freed.append(victim)
-            self.num_evictions += 1
+            self._evict_oldest()
         self.refs[mm_hash] = {request.request_id}
         self.sizes[mm_hash] = size
         self.num_free -= size
         self.num_misses += 1
+
+    def evict_unreferenced(self) -> None:
+        while self.unreferenced:
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        victim, victim_size = self.unreferenced.popitem(last=False)
+        del self.refs[victim], self.sizes[victim]
+        self.num_free += victim_size
+        self.freed.append(victim)
+        self.num_evictions += 1
 
     def release(self, request: Request, mm_hash: str) -> None:
         owners = self.refs.get(mm_hash)

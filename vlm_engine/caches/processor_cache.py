@@ -59,6 +59,10 @@ class ProcessorCache:
         self.num_bytes += size
         return True
 
+    def clear(self) -> None:
+        self._entries.clear()
+        self.num_bytes = 0
+
     def stats(self) -> dict[str, int]:
         return {
             "hits": self.num_hits,

@@ -95,6 +95,10 @@ class EngineCore:
             )
         return outputs
 
+    def evict_unreferenced_encoder_outputs(self) -> None:
+        self.scheduler.encoder_cache.evict_unreferenced()
+        self._drop_freed_encoder_outputs()
+
     def _drop_freed_encoder_outputs(self) -> None:
         """Image embeddings no request needs any more leave the device now, not next step."""
         self.runner.drop_encoder_outputs(self.scheduler.encoder_cache.take_freed())

@@ -13,6 +13,7 @@ from the processor cache when that image was seen before.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,8 +64,10 @@ class InputProcessor:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        arrival_time: float | None = None,
     ) -> tuple[Request, str]:
         """The request, and the prompt text (for the caller's output)."""
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
         text, images, uuids, add_bos = self._text_and_images(prompt)
         if images and self.hasher is None:
             raise InvalidPromptError("this checkpoint is text-only: it cannot take images")
@@ -85,8 +88,15 @@ class InputProcessor:
             mm_features=features,
             priority=priority,
             cache_salt=cache_salt,
+            arrival_time=arrival_time,
         )
         return request, text
+
+    def reset_cache(self) -> None:
+        """Forget preprocessed pixels and remembered file hashes."""
+        self.processor_cache.clear()
+        if self.hasher is not None:
+            self.hasher.clear()
 
     def _process_image(self, source: Any, image_uuid: str | None) -> tuple[str, ProcessedImage]:
         mm_hash, image = self.hasher.identify(source, image_uuid)

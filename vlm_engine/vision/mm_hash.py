@@ -123,6 +123,9 @@ class ImageHasher:
         self._memo_insert(digest, mm_hash)
         return mm_hash, image
 
+    def clear(self) -> None:
+        self._memo.clear()
+
     def stats(self) -> dict[str, int]:
         return {
             "memo_hits": self.num_memo_hits,
