@@ -53,17 +53,21 @@ class Engine:
         )
         num_blocks = self._num_kv_blocks(model)
         self.max_model_len = self._max_model_len(num_blocks)
+        image_processor = self._image_processor()
         self.input_processor = InputProcessor(
             self.model_config,
             self.tokenizer,
-            self._image_processor(),
+            image_processor,
             model_id=str(self.checkpoint_dir.resolve()),
             engine_config=self.config,
             max_model_len=self.max_model_len,
         )
         fingerprint = model_fingerprint(self.checkpoint_dir, dtype)
         self.connector = make_connector(self.config.ec_connector, fingerprint)
-        self.core = EngineCore(model, self.config, num_blocks, self.max_model_len, self.connector)
+        normalize = image_processor.normalize if image_processor is not None else None
+        self.core = EngineCore(
+            model, self.config, num_blocks, self.max_model_len, self.connector, normalize
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._counters = {

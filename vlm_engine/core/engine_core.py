@@ -5,7 +5,7 @@ It speaks in token ids only; text, images-as-files and stop strings belong to th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,13 +38,16 @@ class EngineCore:
         num_blocks: int,
         max_model_len: int,
         connector: ECConnector | None = None,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.config = config
         self.kv_manager = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config, self.kv_manager, max_model_len)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.seed, connector)
+        self.runner = ModelRunner(
+            model, num_blocks, config.block_size, config.seed, connector, normalize
+        )
         self.num_steps = 0
 
     def add_request(self, request: Request) -> None:

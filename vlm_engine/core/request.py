@@ -40,7 +40,7 @@ class MultiModalFeature:
 
     mm_hash: str
     placeholder: ImagePlaceholder
-    pixel_values: torch.Tensor  # [1 + crops, 3, H, W]
+    pixel_values: torch.Tensor  # [1 + crops, 3, H, W] uint8, normalized on the device
 
     @property
     def offset(self) -> int:

@@ -104,7 +104,8 @@ class InputProcessor:
         if processed is None:
             if image is None:  # known by its uuid or file bytes, but not yet preprocessed
                 image = load_image(source, self.limits.max_image_pixels)
-            processed = self.image_processor.preprocess(image)
+            pixels, num_crops = self.image_processor.preprocess_uint8(image)
+            processed = ProcessedImage(pixels, num_crops)  # normalized on the device
             self.processor_cache.put(mm_hash, processed)
         return mm_hash, processed
 

@@ -3,6 +3,8 @@ connector when it has them, else by running the vision tower (whose results it t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vlm_engine.caches.ec_connector import ECConnector
@@ -11,8 +13,14 @@ from vlm_engine.models.gemma3 import Gemma3Model
 
 
 class EncoderRunner:
-    def __init__(self, model: Gemma3Model, connector: ECConnector | None):
+    def __init__(
+        self,
+        model: Gemma3Model,
+        connector: ECConnector | None,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.model = model
+        self.normalize = normalize  # uint8 pixels -> model-ready floats, on the device
         self.connector = connector  # keyed by this model's fingerprint
         self.cache: dict[str, torch.Tensor] = {}  # mm_hash -> [crops * tokens, hidden]
         self.num_items_encoded = 0  # images and crops run through the vision tower
@@ -51,6 +59,8 @@ class EncoderRunner:
         # [items, 3, H, W] for all images of the step -> per image [crops * tokens, hidden]
         device = self.model.language_model.embed_tokens.weight.device
         pixels = torch.cat(list(todo.values())).to(device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            pixels = self.normalize(pixels)
         embeds = self.model.embed_images(pixels)
         self.num_items_encoded += embeds.shape[0]
         sizes = [p.shape[0] for p in todo.values()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +31,14 @@ class ModelRunner:
         block_size: int,
         seed: int | None,
         connector: ECConnector | None = None,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.model = model
         self.device = model.language_model.embed_tokens.weight.device
         self.block_size = block_size
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size)
         self.sampler = Sampler(seed)
-        self.encoder = EncoderRunner(model, connector)
+        self.encoder = EncoderRunner(model, connector, normalize)
         self.vocab_size = model.config.text.vocab_size
 
     @torch.inference_mode()

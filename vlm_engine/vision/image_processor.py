@@ -125,9 +125,11 @@ class ImageProcessorConfig:
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    """Model-ready pixels of one image: the whole image first, then its pan-and-scan crops."""
+    """Pixels of one image: the whole image first, then its pan-and-scan crops. Normalized
+    float32, or resized uint8 that `Gemma3ImageProcessor.normalize` turns into the same floats
+    (the engine ships uint8 to the device, a quarter of the bytes, and normalizes there)."""
 
-    pixel_values: torch.Tensor  # [num_crops + 1, 3, H, W] float32
+    pixel_values: torch.Tensor  # [num_crops + 1, 3, H, W] float32 or uint8
     num_crops: int
 
 
