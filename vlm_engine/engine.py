@@ -29,6 +29,7 @@ from vlm_engine.frontend.input_processor import InputProcessor, Prompt
 from vlm_engine.frontend.output_processor import OutputProcessor
 from vlm_engine.models.loader import load_model
 from vlm_engine.outputs import RequestOutput
+from vlm_engine.runtime.memory import plan_num_kv_blocks
 from vlm_engine.sampling_params import SamplingParams
 from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
 
@@ -47,12 +48,23 @@ class Engine:
         dtype = self.config.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
-        model = load_model(self.model_config, self.checkpoint_dir, dtype=dtype, device=device)
+        used_before_load = 0
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            used_before_load = total - free
+        model = load_model(
+            self.model_config,
+            self.checkpoint_dir,
+            dtype=dtype,
+            device=device,
+            load_format=self.config.load_format,
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(
             str(self.checkpoint_dir), local_files_only=True
         )
-        num_blocks = self._num_kv_blocks(model)
-        self.max_model_len = self._max_model_len(num_blocks)
+        wanted_len = self._wanted_max_model_len()
+        num_blocks = plan_num_kv_blocks(model, self.config, wanted_len, used_before_load)
+        self.max_model_len = self._max_model_len(wanted_len, num_blocks)
         image_processor = self._image_processor()
         self.input_processor = InputProcessor(
             self.model_config,
@@ -259,30 +271,11 @@ class Engine:
             config = config.with_overrides(**self.config.processor_options)
         return Gemma3ImageProcessor(config)
 
-    def _num_kv_blocks(self, model) -> int:
-        text = self.model_config.text
-        dtype_size = model.language_model.embed_tokens.weight.element_size()
-        block_bytes = (
-            2
-            * text.num_hidden_layers
-            * self.config.block_size
-            * text.num_key_value_heads
-            * text.head_dim
-            * dtype_size
-        )
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        memory_gb = self.config.kv_cache_memory_gb
-        if memory_gb is None:
-            memory_gb = 4.0 if model.language_model.embed_tokens.weight.is_cuda else 0.25
-        by_memory = int(memory_gb * 2**30) // block_bytes
-        max_len = self.config.max_model_len or _DEFAULT_MAX_MODEL_LEN
-        needed = self.config.max_num_seqs * -(-max_len // self.config.block_size)
-        return max(2, min(by_memory, needed))
-
-    def _max_model_len(self, num_blocks: int) -> int:
+    def _wanted_max_model_len(self) -> int:
         limit = min(self.model_config.text.max_position_embeddings, _DEFAULT_MAX_MODEL_LEN)
-        wanted = self.config.max_model_len or limit
+        return self.config.max_model_len or limit
+
+    def _max_model_len(self, wanted: int, num_blocks: int) -> int:
         capacity = num_blocks * self.config.block_size
         if wanted > capacity:
             logger.warning(

@@ -16,7 +16,9 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None  # None: min(model's max positions, 8192)
     num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb
-    kv_cache_memory_gb: float | None = None  # None: 0.25 on a CPU, 4 on a GPU
+    kv_cache_memory_gb: float | None = None  # None: 0.25 GiB on a CPU; on a GPU, profiled
+    gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use (KV sizing)
+    load_format: str = "safetensors"  # or "dummy": random weights of the checkpoint's shapes
     enable_prefix_caching: bool = True
     encoder_cache_size: int = 16384  # image embeddings kept on the device (256 per Gemma3 image)
     encoder_compute_budget: int = 4096  # image embeddings the vision tower may compute per step
@@ -48,6 +50,14 @@ class EngineConfig:
             )
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(
+                f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}"
+            )
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"

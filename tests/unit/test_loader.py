@@ -178,3 +178,18 @@ def test_rope_parameters_format_equals_legacy_fields(reference):
     }
     text.pop("rope_scaling", None)
     assert ModelConfig.from_dict(raw).text.rope == legacy
+
+
+def test_dummy_load_format_needs_no_weight_files(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "shape-only", seed=5, write_weights=False)
+    assert not list(path.glob("*.safetensors"))
+    model = load_model(ModelConfig.from_hf(path), load_format="dummy")
+    params = dict(model.named_parameters())
+    assert all(p.device.type == "cpu" for p in params.values())
+    assert torch.all(params["language_model.norm.weight"] == 0)  # Gemma (1 + w): identity
+    assert torch.all(params["vision_tower.post_layernorm.weight"] == 1)
+    assert params["language_model.layers.0.mlp.up_proj.weight"].std() > 0.01
+    with pytest.raises(CheckpointError):
+        load_model(ModelConfig.from_hf(path))  # the real loader wants the files
+    with pytest.raises(ConfigError, match="load_format"):
+        load_model(ModelConfig.from_hf(path), load_format="pickle")

@@ -13,3 +13,17 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_ref(x, weight, eps)
+
+
+def post_norm_residual_pre_norm_ref(
+    h: torch.Tensor,
+    residual: torch.Tensor,
+    post_weight: torch.Tensor,
+    pre_weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # h, residual: [N, D] -> (new_residual, normed): [N, D] each.
+    # The decoder layer's `x = x + post_norm(h)` followed by `pre_norm(x)`; the add runs in the
+    # activation dtype on the already-cast norm output, exactly as the unfused modules do.
+    new_residual = residual + rms_norm_ref(h, post_weight, eps)
+    return new_residual, rms_norm_ref(new_residual, pre_weight, eps)

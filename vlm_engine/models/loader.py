@@ -56,11 +56,20 @@ def load_model(
     checkpoint_dir: str | Path | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    load_format: str = "safetensors",
 ) -> Gemma3Model:
+    """`load_format="dummy"` fills the weights with seeded random values on the device instead
+    of reading files: for benchmarks of real model shapes without their weights."""
     checkpoint_dir = Path(checkpoint_dir or config.checkpoint_dir)
     device, dtype = torch.device(device), resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Gemma3Model(config)
+    if load_format == "dummy":
+        _fill_random(model, dtype, device)
+        model.language_model.init_rope(device)
+        return model.eval()
+    if load_format != "safetensors":
+        raise ConfigError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
     expected = dict(model.named_parameters())
     loaded, unexpected = set(), []
     for ckpt_name, tensor in iter_checkpoint(checkpoint_dir, device):
@@ -128,6 +137,20 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"no *.safetensors weights in {checkpoint_dir}")
     return files
+
+
+def _fill_random(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    generator = torch.Generator(device).manual_seed(0)
+    for name, param in list(model.named_parameters()):
+        tensor = torch.empty(param.shape, dtype=dtype, device=device)
+        module = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, nn.LayerNorm) and name.endswith("weight"):
+            tensor.fill_(1.0)
+        elif name.endswith("bias") or "norm" in name:
+            tensor.zero_()  # Gemma norms scale by (1 + w): zero is the identity
+        else:
+            tensor.normal_(0.0, 0.02, generator=generator)
+        _set_parameter(model, name, tensor)
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -50,6 +50,9 @@ class TinySpec:
     dtype: str = "float32"
     max_shard_bytes: int | None = None  # None: one model.safetensors; else shards plus an index
     vocab_multiple: int = 64
+    vocab_size: int | None = None  # pad the vocabulary to this size (e.g. 262208 for real shapes)
+    write_weights: bool = True  # False: config, tokenizer and processor files only (for
+    # Engine(load_format="dummy") benchmarks of real-size shapes)
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 4
@@ -123,8 +126,10 @@ def make_tiny_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = write_tokenizer_files(path, model_max_length=spec.max_position_embeddings)
     vocab_size = -(-tokenizer.get_vocab_size() // spec.vocab_multiple) * spec.vocab_multiple
-    tensors = dict(_named_weights(spec, vocab_size, tokenizer.get_vocab_size(), seed))
-    _write_weights(path, tensors, spec.max_shard_bytes)
+    vocab_size = max(vocab_size, spec.vocab_size or 0)
+    if spec.write_weights:
+        tensors = dict(_named_weights(spec, vocab_size, tokenizer.get_vocab_size(), seed))
+        _write_weights(path, tensors, spec.max_shard_bytes)
     _write_json(path / "config.json", _model_config(spec, vocab_size))
     eos_ids = [TOKEN_IDS.eos, TOKEN_IDS.end_of_turn]
     generation = dict(bos_token_id=TOKEN_IDS.bos, eos_token_id=eos_ids, pad_token_id=TOKEN_IDS.pad)

@@ -1,0 +1,214 @@
+"""Triton RMSNorm with Gemma numerics, and the fused residual step between two decoder norms.
+
+Both follow `rms_norm_ref`: float32 statistics, a float32 scale by (1 + weight), one cast to the
+activation dtype at the end. A program normalizes a tile of BLOCK_ROWS rows x BLOCK_D columns;
+short rows (q_norm/k_norm over head_dim) share a program, hidden-size rows get one each.
+
+Where results can differ from the torch reference: the float32 sum of squares is added in a
+different order, so the statistics can move by a few float32 ulp. Everything else is the same
+sequence of roundings (fp contraction into FMAs is turned off so that float32 products are rounded
+as torch rounds them). In bf16/fp16 that moves an output by at most one ulp of the activation
+dtype, and only where the float32 value sits next to a rounding boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TILE_ELEMENTS = 4096  # elements of one tensor a program holds at once when rows are short
+_MAX_ROWS_PER_PROGRAM = 16
+
+
+@triton.jit
+def _gemma_rms_scale(x, weight_plus_one, inv_dim, eps):
+    # x: [BLOCK_ROWS, BLOCK_D] float32, padding columns 0; weight_plus_one: [BLOCK_D] float32.
+    # Same order as rms_norm_ref: (x * rsqrt(mean(x^2) + eps)) * (1 + w); torch's CUDA mean is
+    # the sum times float32(1 / dim).
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) * inv_dim + eps)
+    return x * rstd[:, None] * weight_plus_one[None, :]
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr,
+    weight_ptr,
+    out_ptr,
+    num_rows,
+    num_heads,
+    stride_token,
+    stride_head,
+    dim,
+    inv_dim,
+    eps,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Row r of the flattened [num_tokens * num_heads, dim] view is x[r // num_heads, r % num_heads].
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    mask = (rows < num_rows)[:, None] & col_mask[None, :]
+    x_rows = (rows // num_heads) * stride_token + (rows % num_heads) * stride_head
+    x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    out = _gemma_rms_scale(x, 1.0 + weight, inv_dim, eps)
+    out_offsets = rows[:, None] * dim + cols[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def post_norm_residual_pre_norm_kernel(
+    h_ptr,
+    residual_ptr,
+    post_weight_ptr,
+    pre_weight_ptr,
+    new_residual_ptr,
+    normed_ptr,
+    num_rows,
+    stride_h,
+    stride_residual,
+    dim,
+    inv_dim,
+    eps,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    dtype = new_residual_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    mask = (rows < num_rows)[:, None] & col_mask[None, :]
+    h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+    residual = tl.load(
+        residual_ptr + rows[:, None] * stride_residual + cols[None, :], mask=mask, other=0.0
+    )
+    post_weight = tl.load(post_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    pre_weight = tl.load(pre_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    # torch: `residual + post_norm(h)` -- the norm output is cast to the activation dtype, then
+    # the add computes in float32 and rounds once more. The pre-norm reads the rounded sum.
+    post = _gemma_rms_scale(h.to(tl.float32), 1.0 + post_weight, inv_dim, eps).to(dtype)
+    new_residual = (residual.to(tl.float32) + post.to(tl.float32)).to(dtype)
+    normed = _gemma_rms_scale(new_residual.to(tl.float32), 1.0 + pre_weight, inv_dim, eps)
+    out_offsets = rows[:, None] * dim + cols[None, :]
+    tl.store(new_residual_ptr + out_offsets, new_residual, mask=mask)
+    tl.store(normed_ptr + out_offsets, normed.to(dtype), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma RMSNorm over the last dimension of x: [N, D] or [N, H, D] -> a new contiguous tensor.
+
+    The last dimension must be contiguous; tokens and heads may be strided (q sliced from a fused
+    qkv projection). weight: [D], any float dtype; it is used as float32 (1 + weight).
+    """
+    if x.dim() not in (2, 3):
+        raise ValueError(f"rms_norm takes x of shape [N, D] or [N, H, D], got {tuple(x.shape)}")
+    _check_rows(x, "x")
+    _check_weight(weight, x, "weight")
+    num_tokens, dim = x.shape[0], x.shape[-1]
+    num_heads, stride_head = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    num_rows = num_tokens * num_heads
+    if num_rows == 0:
+        return out
+    block_rows, block_d, num_warps = _row_tiling(dim)
+    grid = (triton.cdiv(num_rows, block_rows),)
+    rms_norm_kernel[grid](
+        x,
+        weight,
+        out,
+        num_rows,
+        num_heads,
+        x.stride(0),
+        stride_head,
+        dim,
+        1.0 / dim,
+        eps,
+        BLOCK_ROWS=block_rows,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def post_norm_residual_pre_norm(
+    h: torch.Tensor,
+    residual: torch.Tensor,
+    post_weight: torch.Tensor,
+    pre_weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One residual step of a Gemma decoder layer in a single pass over the rows.
+
+    h, residual: [N, D] (rows may be strided, the last dimension contiguous).
+    Returns (new_residual, normed), both new [N, D] tensors:
+        new_residual = residual + rms_norm(h, post_weight)   (the add in the activation dtype)
+        normed = rms_norm(new_residual, pre_weight)
+    It covers post_attention_layernorm -> add -> pre_feedforward_layernorm, and
+    post_feedforward_layernorm -> add -> the next layer's input_layernorm (or the final norm).
+    """
+    if h.dim() != 2 or h.shape != residual.shape:
+        raise ValueError(
+            f"h and residual must both be [N, D], got {tuple(h.shape)} and {tuple(residual.shape)}"
+        )
+    if residual.dtype != h.dtype or residual.device != h.device:
+        raise ValueError("h and residual must share dtype and device")
+    _check_rows(h, "h")
+    _check_rows(residual, "residual")
+    _check_weight(post_weight, h, "post_weight")
+    _check_weight(pre_weight, h, "pre_weight")
+    num_rows, dim = h.shape
+    new_residual = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    normed = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if num_rows == 0:
+        return new_residual, normed
+    block_rows, block_d, num_warps = _row_tiling(dim)
+    grid = (triton.cdiv(num_rows, block_rows),)
+    post_norm_residual_pre_norm_kernel[grid](
+        h,
+        residual,
+        post_weight,
+        pre_weight,
+        new_residual,
+        normed,
+        num_rows,
+        h.stride(0),
+        residual.stride(0),
+        dim,
+        1.0 / dim,
+        eps,
+        BLOCK_ROWS=block_rows,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
+    return new_residual, normed
+
+
+def _row_tiling(dim: int) -> tuple[int, int, int]:
+    # (rows per program, padded row length, warps): whole rows in registers, ~4k elements a tile.
+    block_d = triton.next_power_of_2(dim)
+    block_rows = max(1, min(_MAX_ROWS_PER_PROGRAM, _TILE_ELEMENTS // block_d))
+    num_warps = max(1, min(16, block_rows * block_d // 512))
+    return block_rows, block_d, num_warps
+
+
+def _check_rows(x: torch.Tensor, name: str) -> None:
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _check_weight(weight: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"{name} must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{name} is on {weight.device} but the activations are on {x.device}")
+    if weight.shape[0] > 1 and weight.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous")
