@@ -1,0 +1,185 @@
+"""GPU benchmarks on a Gemma3-4B-shaped model (the real 4B config, random bf16 weights), with
+transformers measured in the same run:
+
+  a. batch captioning: N distinct images, a short prompt, fixed output length: images/s, tokens/s
+     (transformers `generate` at batch 64);
+  b. single stream: time to first token and decode ms/token at batch 1, beside the bandwidth
+     floor (bytes of weights read per decode step / measured device copy bandwidth);
+  c. the vision tower alone: images/s.
+
+    python benchmarks/gpu_runtime.py [--only a,b,c] [--num-images 256] [--output-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
+
+from transformers import AutoConfig, AutoProcessor, Gemma3ForConditionalGeneration  # noqa: E402
+
+from vlm_engine import Engine, SamplingParams  # noqa: E402
+from vlm_engine.testing import make_tiny_checkpoint  # noqa: E402
+
+GEMMA3_4B = dict(
+    vocab_size=262_208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+    sliding_window=1024, sliding_window_pattern=6, rope_scaling_factor=8.0,
+    max_position_embeddings=131_072, vision_hidden_size=1152, vision_intermediate_size=4304,
+    vision_num_hidden_layers=27, vision_num_attention_heads=16, image_size=896, patch_size=14,
+    mm_tokens_per_image=256, dtype="bfloat16", write_weights=False,
+)  # fmt: skip
+PROMPT = "<start_of_image>Write a caption for this image."
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def hf_model(path: Path):
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("cuda"):
+        model = Gemma3ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    return model.eval(), AutoProcessor.from_pretrained(path)
+
+
+def hf_generate(model, processor, batch: list[Image.Image], output_len: int):
+    inputs = processor(
+        text=[PROMPT] * len(batch), images=[[im] for im in batch], return_tensors="pt", padding=True
+    ).to("cuda")
+    with torch.inference_mode():
+        return model.generate(
+            **inputs, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False
+        )
+
+
+def bench_captioning(engine, hf, args) -> list[str]:
+    pics = images(args.num_images, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, min_tokens=args.output_len)
+    engine.generate([{"prompt": PROMPT, "images": [p]} for p in images(4, seed=9)], params)
+    ours, _ = timed(
+        lambda: engine.generate([{"prompt": PROMPT, "images": [p]} for p in pics], params)
+    )
+    hf_generate(*hf, images(2, seed=9), 4)
+    theirs, _ = timed(
+        lambda: [
+            hf_generate(*hf, pics[i : i + args.hf_batch], args.output_len)
+            for i in range(0, len(pics), args.hf_batch)
+        ]
+    )
+    n, tokens = len(pics), len(pics) * args.output_len
+    return [
+        f"| a. captioning {n} images x {args.output_len} tokens | images/s | "
+        f"{n / ours:.2f} | {n / theirs:.2f} | {theirs / ours:.2f}x |",
+        f"| | output tokens/s | {tokens / ours:.0f} | {tokens / theirs:.0f} | "
+        f"{theirs / ours:.2f}x |",
+    ]
+
+
+def bandwidth_floor_ms(engine) -> tuple[float, float]:
+    lm = engine.core.runner.model.language_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    buffer = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    other = torch.empty_like(buffer)
+    other.copy_(buffer)
+    seconds = min(timed(lambda: other.copy_(buffer))[0] for _ in range(5))
+    bandwidth = 2 * buffer.numel() / seconds  # read + write
+    return weight_bytes / bandwidth * 1e3, bandwidth / 1e9
+
+
+def bench_single_stream(engine, hf, args) -> list[str]:
+    pic = images(1, seed=2)[0]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, min_tokens=args.output_len)
+    engine.generate({"prompt": PROMPT, "images": [images(1, seed=8)[0]]}, params)
+    runs = [
+        engine.generate({"prompt": PROMPT, "images": [im]}, params)[0] for im in images(3, seed=3)
+    ]
+    ttft = statistics.median(o.time_to_first_token for o in runs) * 1e3
+    tpot = statistics.median(o.time_per_output_token for o in runs) * 1e3
+    hf_generate(*hf, [pic], 2)
+    hf_first = statistics.median(timed(lambda: hf_generate(*hf, [pic], 1))[0] for _ in range(3))
+    hf_full, _ = timed(lambda: hf_generate(*hf, [pic], args.output_len))
+    hf_tpot = (hf_full - hf_first) / (args.output_len - 1) * 1e3
+    floor, bandwidth = bandwidth_floor_ms(engine)
+    return [
+        f"| b. single stream | time to first token (ms) | {ttft:.1f} | {hf_first * 1e3:.1f} | "
+        f"{hf_first * 1e3 / ttft:.2f}x |",
+        f"| | decode ms/token | {tpot:.2f} | {hf_tpot:.2f} | {hf_tpot / tpot:.2f}x |",
+        f"| | bandwidth floor ms/token ({bandwidth:.0f} GB/s copy) | {floor:.2f} | | "
+        f"ours {tpot / floor:.2f}x the floor |",
+    ]
+
+
+def bench_vision(engine, hf, args) -> list[str]:
+    processor = engine.input_processor.image_processor
+    pixels = torch.cat([processor.preprocess(im).pixel_values for im in images(args.vision_batch)])
+    pixels = pixels.to("cuda", torch.bfloat16)
+    model = engine.core.runner.model
+    model.embed_images(pixels)
+    ours = min(timed(lambda: model.embed_images(pixels))[0] for _ in range(3))
+    with torch.inference_mode():
+        hf[0].get_image_features(pixel_values=pixels)
+        theirs = min(
+            timed(lambda: hf[0].get_image_features(pixel_values=pixels))[0] for _ in range(3)
+        )
+    n = pixels.shape[0]
+    return [
+        f"| c. vision tower, batch {n} | images/s | {n / ours:.1f} | {n / theirs:.1f} | "
+        f"{theirs / ours:.2f}x |"
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="a,b,c")
+    parser.add_argument("--num-images", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--hf-batch", type=int, default=64)
+    parser.add_argument("--vision-batch", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_checkpoint(Path(tmp) / "gemma3-4b-shape", **GEMMA3_4B)
+        engine = Engine(
+            path,
+            device="cuda",
+            load_format="dummy",
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=4096,
+        )
+        hf = hf_model(path)
+        rows = []
+        for part, bench in (
+            ("a", bench_captioning),
+            ("b", bench_single_stream),
+            ("c", bench_vision),
+        ):
+            if part in args.only.split(","):
+                rows += bench(engine, hf, args)
+                print("\n".join(rows[-3:]), flush=True)
+    print(f"\nGemma3-4B shape, random bf16 weights, {torch.cuda.get_device_name()}")
+    print("| benchmark | metric | vlm_engine | transformers | engine vs transformers |")
+    print("|---|---|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Paged attention over a mixed prefill/decode step: one Triton kernel, same contract as
+`attention_ref` with a paged cache (kernels/attention.py, runtime/forward_context.py).
+
+Query token t at position p sees key k when `k < kv_limits[t]` and, on sliding layers,
+`k > p - window`; that one rule covers causal, sliding window, prefix-cached context and
+bidirectional image groups. This step's keys and values are already in the cache.
+
+Work decomposition
+- A program owns one KV head and a tile of up to BLOCK_Q query tokens of one sequence, with all
+  GROUP query heads of that KV head: its BLOCK_M rows are (token, head) pairs, so every K/V
+  tile is read once per group. BLOCK_M is at least 16 (tl.dot); extra rows are masked.
+- Grid mapping, computed on the device from `query_start_loc` (no host sync, grid size from
+  shapes only): sequence i owns tiles [first(i), first(i + 1)) with
+  first(i) = query_start_loc[i] // BLOCK_Q + i, which leaves room for its
+  ceil(query_len / BLOCK_Q) tiles; the spare ones exit at once. Grid: (T // BLOCK_Q + S, kv_heads),
+  each program binary-searches its sequence. A decode-only step (`max_query_len=1`, so T == S)
+  uses a fixed (S, kv_heads) grid with program i on sequence i: no value-dependent host work,
+  ready for CUDA-graph capture.
+- KV tiles of BLOCK_N keys are read through the block table with per-key addresses, so any
+  cache block size works (a tile may span blocks or share one). A program visits only the tiles
+  between the lowest key any of its rows may see (window bound of its smallest position) and
+  the largest kv_limit of its rows; keys outside that range are never read, even inside a
+  visited tile (blocks that slid out of a window may hold anything).
+- Online softmax in float32 with exp2 and a log2(e)-scaled scale.
+"""
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the module imports, triton_available() is False
+    triton = None
+    tl = SimpleNamespace(constexpr=None)  # lets the kernel's signature evaluate
+
+
+def _jit(fn):
+    return fn if triton is None else triton.jit(fn)
+
+
+@_jit
+def paged_attention_kernel(
+    out_ptr,  # [T, num_heads, head_dim]
+    query_ptr,  # [T, num_heads, head_dim]
+    kv_cache_ptr,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [S, max_blocks] int32
+    seq_lens_ptr,  # [S] int32
+    query_start_loc_ptr,  # [S + 1] int32
+    positions_ptr,  # [T] int64
+    kv_limits_ptr,  # [T] int64
+    visited_tiles_ptr,  # [T, num_kv_heads] int32, written only when COUNT_TILES
+    scale_log2e,
+    window,
+    num_seqs,
+    num_kv_heads,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_ckv,
+    stride_cblock,
+    stride_cslot,
+    stride_chead,
+    stride_cd,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two
+    BLOCK_Q: tl.constexpr,  # query tokens per program
+    BLOCK_M: tl.constexpr,  # rows per program, >= BLOCK_Q * GROUP_PAD
+    BLOCK_N: tl.constexpr,  # keys per KV tile
+    KV_BLOCK_SIZE: tl.constexpr,
+    ONE_QUERY_PER_SEQ: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    if ONE_QUERY_PER_SEQ:
+        seq = tl.program_id(0)
+        tile_start = 0
+    else:
+        # Last tiles first: in a causal prefill they see the most keys, so the tail is shorter.
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        lo = tile * 0  # invariant: first(lo) <= tile < first(hi)
+        hi = lo + num_seqs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            owns = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile
+            lo = tl.where(owns, mid, lo)
+            hi = tl.where(owns, hi, mid)
+        seq = lo
+        tile_start = (tile - tl.load(query_start_loc_ptr + seq) // BLOCK_Q - seq) * BLOCK_Q
+    query_begin = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - query_begin
+    if tile_start >= query_len:
+        return
+
+    rows = tl.arange(0, BLOCK_M)
+    row_head = rows % GROUP_PAD
+    row_token = tile_start + rows // GROUP_PAD  # index inside the sequence's query
+    row_valid = (rows < BLOCK_Q * GROUP_PAD) & (row_head < GROUP) & (row_token < query_len)
+    token = (query_begin + row_token).to(tl.int64)
+    head = kv_head * GROUP + row_head
+    dims = tl.arange(0, HEAD_DIM)
+    q_offsets = token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :] * stride_qd
+    q = tl.load(query_ptr + q_offsets, mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    position = tl.load(positions_ptr + token, mask=row_valid, other=0)
+    kv_limit = tl.minimum(tl.load(kv_limits_ptr + token, mask=row_valid, other=0), seq_len)
+    # Keys [kv_start, kv_end) are the union of what the rows see; nothing else is read.
+    kv_end = tl.max(kv_limit, axis=0).to(tl.int32)
+    if USE_WINDOW:
+        lowest_visible = tl.where(row_valid, position - window + 1, seq_len)
+        kv_start = tl.maximum(tl.min(lowest_visible, axis=0), 0).to(tl.int32)
+    else:
+        kv_start = 0
+    first_tile = (kv_start // BLOCK_N) * BLOCK_N
+
+    # A finite floor: a tile a row cannot see gives exp2(-inf - floor) = 0, never NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    num_visited = kv_end * 0
+    table = block_tables_ptr + seq * stride_bt
+    cache = kv_cache_ptr + kv_head * stride_chead
+    for tile_key in range(first_tile, kv_end, BLOCK_N):
+        keys = tile_key + tl.arange(0, BLOCK_N)
+        needed = (keys >= kv_start) & (keys < kv_end)
+        block = tl.load(table + keys // KV_BLOCK_SIZE, mask=needed, other=0).to(tl.int64)
+        slot = block * stride_cblock + (keys % KV_BLOCK_SIZE) * stride_cslot
+        k = tl.load(
+            cache + slot[None, :] + dims[:, None] * stride_cd, mask=needed[None, :], other=0.0
+        )  # [HEAD_DIM, BLOCK_N]
+        v = tl.load(
+            cache + stride_ckv + slot[:, None] + dims[None, :] * stride_cd,
+            mask=needed[:, None],
+            other=0.0,
+        )  # [BLOCK_N, HEAD_DIM]
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2e
+        visible = keys[None, :] < kv_limit[:, None]
+        if USE_WINDOW:
+            visible = visible & (keys[None, :] > position[:, None] - window)
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        if COUNT_TILES:
+            num_visited += 1
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only masked padding rows see no key
+    out = acc / l_i[:, None]
+    o_offsets = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od
+    tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    if COUNT_TILES:
+        tl.store(visited_tiles_ptr + token * num_kv_heads + kv_head, num_visited, mask=row_valid)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape: `block_m` rows (query tokens x padded GQA group) by `block_n` keys."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+def default_tile_config(head_dim: int, decode_only: bool) -> TileConfig:
+    # Untuned starting points for Hopper; head_dim 256 keeps the fp32 accumulator in registers.
+    if decode_only:  # one query token per program: bandwidth bound, pipeline the K/V loads
+        return TileConfig(block_m=16, block_n=64 if head_dim <= 128 else 32, num_stages=3)
+    if head_dim <= 128:
+        return TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+
+
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """Whether `paged_attention` can run on `device` (default: any CUDA device present).
+
+    Needs triton, and a CUDA device or the interpreter: TRITON_INTERPRET=1 set before this
+    module was imported (triton.jit reads it at decoration time) runs the kernel on the CPU.
+    """
+    if triton is None:
+        return False
+    if _kernel_is_interpreted():
+        return True
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def _kernel_is_interpreted() -> bool:
+    return not isinstance(paged_attention_kernel, triton.runtime.JITFunction)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    positions: torch.Tensor,
+    kv_limits: torch.Tensor,
+    scale: float,
+    window: int | None,
+    max_query_len: int | None = None,
+    *,
+    tile_config: TileConfig | None = None,
+    visited_tiles: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of a step's query tokens over the paged cache -> [T, num_heads, head_dim].
+
+    query: [T, num_heads, head_dim]; kv_cache: [2, num_blocks, block_size, num_kv_heads,
+    head_dim] holding this step's keys/values already; block_tables [S, max_blocks] int32;
+    seq_lens [S] int32; query_start_loc [S + 1] int32 with query_start_loc[S] == T (rows past
+    it are left unwritten); positions, kv_limits [T] int64. `max_query_len` is optional and
+    never read from the device: 1 selects the decode-only grid (requires T == S), small values
+    shrink the query tile. `tile_config` overrides `default_tile_config`; `visited_tiles`
+    ([T, num_kv_heads] int32, for tests) receives how many KV tiles each token's program read.
+    """
+    _check_inputs(query, kv_cache, block_tables, seq_lens, query_start_loc, positions, kv_limits)
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
+    _check_options(query, kv_cache, num_seqs, window, max_query_len, visited_tiles)
+    out = torch.empty_like(query)
+    if num_tokens == 0:
+        return out
+    decode_only = max_query_len == 1
+    config = tile_config or default_tile_config(head_dim, decode_only)
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_q = 1 if decode_only else max(1, config.block_m // group_pad)
+    if max_query_len is not None:
+        block_q = min(block_q, triton.next_power_of_2(max_query_len))
+    num_programs = num_seqs if decode_only else num_tokens // block_q + num_seqs
+    paged_attention_kernel[(num_programs, num_kv_heads)](
+        out,
+        query,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        positions,
+        kv_limits,
+        visited_tiles,
+        scale * math.log2(math.e),
+        window or 0,
+        num_seqs,
+        num_kv_heads,
+        *query.stride(),
+        *out.stride(),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        kv_cache.stride(4),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        BLOCK_M=max(16, block_q * group_pad),
+        BLOCK_N=config.block_n,
+        KV_BLOCK_SIZE=kv_cache.shape[2],
+        ONE_QUERY_PER_SEQ=decode_only,
+        USE_WINDOW=window is not None,
+        COUNT_TILES=visited_tiles is not None,
+        # fp32 inputs would otherwise go through TF32 on the GPU (~1e-3 error).
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def _check_inputs(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    positions: torch.Tensor,
+    kv_limits: torch.Tensor,
+) -> None:
+    if triton is None:
+        raise RuntimeError("paged_attention needs triton; use attention_ref without it")
+    _check_query_and_cache(query, kv_cache)
+    if seq_lens.dim() != 1:
+        raise ValueError(f"seq_lens must be [S], got {tuple(seq_lens.shape)}")
+    num_seqs, num_tokens = seq_lens.shape[0], query.shape[0]
+    metadata = {
+        "block_tables": (block_tables, torch.int32, (num_seqs, block_tables.shape[-1])),
+        "seq_lens": (seq_lens, torch.int32, (num_seqs,)),
+        "query_start_loc": (query_start_loc, torch.int32, (num_seqs + 1,)),
+        "positions": (positions, torch.int64, (num_tokens,)),
+        "kv_limits": (kv_limits, torch.int64, (num_tokens,)),
+    }
+    for name, (tensor, dtype, shape) in metadata.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
+        if tensor.device != query.device:
+            raise ValueError(f"{name} is on {tensor.device}, query on {query.device}")
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    if not triton_available(query.device):
+        raise RuntimeError(
+            f"paged_attention cannot run on {query.device}: it needs a CUDA device, or "
+            "TRITON_INTERPRET=1 set before importing vlm_engine.kernels.triton_attention"
+        )
+
+
+def _check_query_and_cache(query: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    if query.dim() != 3:
+        raise ValueError(f"query must be [T, num_heads, head_dim], got {tuple(query.shape)}")
+    num_heads, head_dim = query.shape[1:]
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != head_dim:
+        raise ValueError(
+            "kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim] with the "
+            f"query's head_dim {head_dim}, got {tuple(kv_cache.shape)}"
+        )
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if num_heads % kv_cache.shape[3]:
+        raise ValueError(
+            f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_cache.shape[3]}"
+        )
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"query must be float16, bfloat16 or float32, got {query.dtype}")
+    if kv_cache.dtype != query.dtype:
+        raise TypeError(f"kv_cache dtype {kv_cache.dtype} differs from query dtype {query.dtype}")
+    if kv_cache.device != query.device:
+        raise ValueError(f"kv_cache is on {kv_cache.device}, query on {query.device}")
+
+
+def _check_options(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    num_seqs: int,
+    window: int | None,
+    max_query_len: int | None,
+    visited_tiles: torch.Tensor | None,
+) -> None:
+    if window is not None and window < 1:
+        raise ValueError(f"window must be None or >= 1, got {window}")
+    if max_query_len is not None and max_query_len < 1:
+        raise ValueError(f"max_query_len must be None or >= 1, got {max_query_len}")
+    if max_query_len == 1 and query.shape[0] != num_seqs:
+        raise ValueError(
+            f"max_query_len=1 means one query token per sequence, but T={query.shape[0]} "
+            f"tokens for S={num_seqs} sequences"
+        )
+    if visited_tiles is not None:
+        shape = (query.shape[0], kv_cache.shape[3])
+        if tuple(visited_tiles.shape) != shape or visited_tiles.dtype != torch.int32:
+            raise ValueError(f"visited_tiles must be int32 of shape {shape}")
+        if not visited_tiles.is_contiguous() or visited_tiles.device != query.device:
+            raise ValueError("visited_tiles must be contiguous, on the query's device")
