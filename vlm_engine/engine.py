@@ -74,8 +74,10 @@ class Engine:
             engine_config=self.config,
             max_model_len=self.max_model_len,
         )
-        fingerprint = model_fingerprint(self.checkpoint_dir, dtype)
-        self.connector = make_connector(self.config.ec_connector, fingerprint)
+        self.connector = None
+        if self.config.ec_connector:  # entries are keyed by the model's fingerprint
+            fingerprint = model_fingerprint(self.checkpoint_dir, dtype)
+            self.connector = make_connector(self.config.ec_connector, fingerprint)
         normalize = image_processor.normalize if image_processor is not None else None
         self.core = EngineCore(
             model, self.config, num_blocks, self.max_model_len, self.connector, normalize
