@@ -158,12 +158,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_checkpoint(Path(tmp) / "gemma3-4b-shape", **GEMMA3_4B)
+        # Half the GPU for the engine: transformers runs in the same process beside it.
         engine = Engine(
             path,
             device="cuda",
             load_format="dummy",
             max_num_seqs=args.max_num_seqs,
             max_model_len=4096,
+            gpu_memory_utilization=0.5,
         )
         hf = hf_model(path)
         rows = []
