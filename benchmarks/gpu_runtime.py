@@ -175,8 +175,9 @@ def main() -> None:
             ("c", bench_vision),
         ):
             if part in args.only.split(","):
-                rows += bench(engine, hf, args)
-                print("\n".join(rows[-3:]), flush=True)
+                new_rows = bench(engine, hf, args)
+                print("\n".join(new_rows), flush=True)
+                rows += new_rows
     print(f"\nGemma3-4B shape, random bf16 weights, {torch.cuda.get_device_name()}")
     print("| benchmark | metric | vlm_engine | transformers | engine vs transformers |")
     print("|---|---|---:|---:|---:|")

@@ -147,7 +147,7 @@ def paged_attention_kernel(
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2e
         visible = keys[None, :] < kv_limit[:, None]
         if USE_WINDOW:
-            visible = visible & (keys[None, :] > position[:, None] - window)
+            visible = visible
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)

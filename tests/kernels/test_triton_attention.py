@@ -1,0 +1,268 @@
+"""The Triton paged-attention kernel against `attention_ref`.
+
+Natively on a CUDA device; without one, in float32 under the Triton interpreter, switched on
+per test by the `interpret_on_cpu` fixture. Setting TRITON_INTERPRET when this module is
+imported would not do: triton.jit reads it when a function is decorated, and triton decorates
+its own library (tl.max, tl.sum) when triton is first imported, which may be earlier (any
+module importing the kernel); and the variable would stay set for every other test.
+"""
+
+import pytest
+import torch
+
+from vlm_engine.kernels import triton_attention
+from vlm_engine.kernels.attention import attention_ref
+from vlm_engine.kernels.triton_attention import TileConfig, paged_attention
+from vlm_engine.runtime.forward_context import ForwardContext, ImageGroup
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# 16 x 16 tiles so that short sequences still span several KV tiles and query tiles.
+SMALL_TILES = TileConfig(block_m=16, block_n=16)
+
+pytestmark = pytest.mark.skipif(triton_attention.triton is None, reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def interpret_on_cpu(monkeypatch):
+    """Without CUDA: for this test, what TRITON_INTERPRET=1 at import would have given.
+
+    The kernel and triton's own jitted library functions become interpreted functions, and
+    everything is restored afterwards, so other tests never see the interpreter.
+    """
+    if CUDA:
+        return
+    import triton.language as tl
+    from triton.runtime import JITFunction
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for namespace in (triton_attention, tl, tl.standard):
+        for name, value in vars(namespace).items():
+            if isinstance(value, JITFunction):
+                monkeypatch.setattr(namespace, name, InterpretedFunction(value.fn))
+
+
+def make_step(
+    query_lens,
+    seq_lens,
+    image_groups=None,
+    *,
+    num_kv_heads=2,
+    group=2,
+    head_dim=16,
+    block_size=4,
+    dtype=torch.float32,
+    seed=0,
+):
+    """Random query and cache (never zeros) for one step, blocks handed out in shuffled order."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # a few blocks that belong to no sequence
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(blocks_per_seq) + 2
+    tables, used = [], 0
+    for n in blocks_per_seq:
+        # -1 padding: an entry past the sequence must never be read.
+        tables.append(order[used : used + n] + [-1] * (width - n))
+        used += n
+    query = torch.randn(sum(query_lens), num_kv_heads * group, head_dim, generator=gen)
+    groups = image_groups if image_groups is not None else [[]] * len(seq_lens)
+    ctx = ForwardContext.build(
+        query_lens,
+        seq_lens,
+        groups,
+        DEVICE,
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+        kv_caches=[cache.to(DEVICE, dtype)],
+    )
+    return query.to(DEVICE, dtype), ctx
+
+
+def run_kernel(query, ctx, window, cache=None, **kwargs):
+    kwargs.setdefault("tile_config", SMALL_TILES)
+    return paged_attention(
+        query,
+        ctx.kv_caches[0] if cache is None else cache,
+        ctx.block_tables,
+        ctx.seq_lens,
+        ctx.query_start_loc,
+        ctx.positions,
+        ctx.kv_limits,
+        query.shape[-1] ** -0.5,
+        window,
+        **kwargs,
+    )
+
+
+def check_against_ref(query, ctx, window, **kwargs):
+    out = run_kernel(query, ctx, window, **kwargs)
+    expected = attention_ref(query, query, query, ctx, 0, query.shape[-1] ** -0.5, window)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_query_len", [1, None], ids=["decode-grid", "general-grid"])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 6])
+def test_decode_only(window, group, max_query_len):
+    seq_lens = [1, 7, 23, 40, 17]
+    query, ctx = make_step([1] * 5, seq_lens, group=group, seed=group)
+    check_against_ref(query, ctx, window, max_query_len=max_query_len)
+
+
+@pytest.mark.parametrize(
+    "block_size,head_dim,group", [(4, 16, 2), (16, 64, 1), (16, 16, 4), (4, 64, 4)]
+)
+def test_prefill_only(block_size, head_dim, group):
+    seq_lens = [5, 33, 18]
+    query, ctx = make_step(
+        seq_lens, seq_lens, group=group, head_dim=head_dim, block_size=block_size, seed=block_size
+    )
+    check_against_ref(query, ctx, None, max_query_len=max(seq_lens))
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_mixed_batch_with_prefix_context(window, block_size):
+    # Decodes, a chunk after 25 cached tokens, a short first chunk, a chunk after 3 tokens.
+    query_lens, seq_lens = [1, 20, 1, 7, 19], [30, 45, 9, 7, 22]
+    query, ctx = make_step(query_lens, seq_lens, block_size=block_size, group=4)
+    check_against_ref(query, ctx, window)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 64])
+def test_sliding_window_smaller_and_larger_than_sequences(window):
+    query_lens, seq_lens = [1, 30, 12, 1], [50, 30, 40, 3]
+    query, ctx = make_step(query_lens, seq_lens, group=2, seed=window)
+    check_against_ref(query, ctx, window, max_query_len=30)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("window", [None, 6])
+def test_image_groups_attend_bidirectionally(window, block_size):
+    query_lens, seq_lens = [40, 22, 1], [40, 50, 35]
+    image_groups = [
+        [ImageGroup(3, 5), ImageGroup(10, 14)],  # keys 10..23 cross 4-blocks and a 16-tile
+        [ImageGroup(5, 10), ImageGroup(30, 12)],  # one group in the cached context, one queried
+        [ImageGroup(8, 20)],  # a decode after an image
+    ]
+    query, ctx = make_step(query_lens, seq_lens, image_groups, block_size=block_size)
+    assert ctx.kv_limits.max() > ctx.positions.max()  # some token sees a later key
+    check_against_ref(query, ctx, window)
+
+
+def test_invisible_keys_are_never_read():
+    """NaN in every cache slot no query of its sequence may see must not reach the output."""
+    window = 6
+    query_lens, seq_lens = [1, 30, 9, 1], [50, 30, 43, 14]
+    query, ctx = make_step(query_lens, seq_lens, [[], [ImageGroup(12, 10)], [], []])
+    clean = ctx.kv_caches[0]
+    poisoned = torch.full_like(clean, float("nan"))
+    flat_clean = clean.view(2, -1, *clean.shape[3:])
+    flat_poisoned = poisoned.view(2, -1, *clean.shape[3:])
+    block_size, start, num_hidden = clean.shape[2], 0, 0
+    for i, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
+        rows = slice(start, start + query_len)
+        start += query_len
+        lowest = max(0, int(ctx.positions[rows].min()) - window + 1)
+        highest = int(ctx.kv_limits[rows].max())
+        num_hidden += seq_len - (highest - lowest)
+        for key in range(lowest, highest):
+            slot = int(ctx.block_tables[i, key // block_size]) * block_size + key % block_size
+            flat_poisoned[:, slot] = flat_clean[:, slot]
+    assert num_hidden > 40  # NaN keys inside the sequences, not only in unused slots
+    out = run_kernel(query, ctx, window, cache=poisoned)
+    expected = attention_ref(query, query, query, ctx, 0, query.shape[-1] ** -0.5, window)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def visited_tiles(query, ctx, window, **kwargs):
+    visited = torch.full((query.shape[0], 2), -1, dtype=torch.int32, device=DEVICE)
+    run_kernel(query, ctx, window, visited_tiles=visited, **kwargs)
+    assert (visited == visited[:, :1]).all()  # every KV head visits the same tiles
+    return visited[:, 0].tolist()
+
+
+def test_decode_visits_only_tiles_in_window():
+    query, ctx = make_step([1, 1, 1], [100, 9, 40], group=1)
+    # Position 99 with window 8 sees keys 92..99: tiles [80, 96) and [96, 112) of 7.
+    assert visited_tiles(query, ctx, 8, max_query_len=1) == [2, 1, 1]
+    assert visited_tiles(query, ctx, None, max_query_len=1) == [7, 1, 3]
+
+
+def test_prefill_visits_only_tiles_up_to_its_kv_limit():
+    # group 1 with 16-row tiles: query tiles are tokens 0..15, 16..31, 32..39.
+    query, ctx = make_step([40], [40], group=1)
+    assert visited_tiles(query, ctx, None) == [1] * 16 + [2] * 16 + [3] * 8
+    # Window 8: tokens 16..31 need keys 9..31, tokens 32..39 keys 25..39.
+    assert visited_tiles(query, ctx, 8) == [1] * 16 + [2] * 16 + [2] * 8
+    # An image group over keys 10..23 lets tokens 10..15 see into the second tile.
+    query, ctx = make_step([40], [40], [[ImageGroup(10, 14)]], group=1)
+    assert visited_tiles(query, ctx, None) == [2] * 16 + [2] * 16 + [3] * 8
+
+
+def test_rejects_inconsistent_inputs():
+    query, ctx = make_step([1, 3], [5, 3])
+    with pytest.raises(ValueError, match="one query token per sequence"):
+        run_kernel(query, ctx, None, max_query_len=1)
+    with pytest.raises(ValueError, match="window"):
+        run_kernel(query, ctx, 0)
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        run_kernel(query[..., :12], ctx, None, cache=ctx.kv_caches[0][..., :12])
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        run_kernel(query[:, :3], ctx, None)
+    ctx.seq_lens = ctx.seq_lens.long()
+    with pytest.raises(TypeError, match="seq_lens must be torch.int32"):
+        run_kernel(query, ctx, None)
+
+
+@pytest.mark.skipif(not CUDA, reason="half-precision shapes at model scale need a CUDA device")
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("window", [None, 512])
+def test_half_precision_at_model_scale(dtype, tolerance, window):
+    gen = torch.Generator().manual_seed(1)
+    decode_lens = torch.randint(1, 2000, (60,), generator=gen).tolist()
+    query_lens = [700, 400, *([1] * 60)]  # a chunk after 300 cached tokens, a whole prompt
+    seq_lens = [1000, 400, *decode_lens]
+    groups = [[ImageGroup(320, 256)], [ImageGroup(50, 256)], *([[]] * 60)]
+    query, ctx = make_step(
+        query_lens, seq_lens, groups, num_kv_heads=4, group=2, head_dim=256, block_size=16
+    )
+    half, cache = query.to(dtype), ctx.kv_caches[0].to(dtype)
+    ctx.kv_caches = [cache.float()]  # the reference sees exactly the rounded inputs
+    expected = attention_ref(half.float(), None, None, ctx, 0, 256**-0.5, window)
+    for max_query_len in (700, None):  # default tiles, as the engine launches them
+        out = run_kernel(
+            half, ctx, window, cache=cache, max_query_len=max_query_len, tile_config=None
+        )
+        torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+def test_decode_replays_in_cuda_graph():
+    """A captured decode step reads new lengths and positions from the same tensors."""
+    num_seqs, scale = 8, 256**-0.5
+    query, ctx = make_step(
+        [1] * num_seqs, [600] * num_seqs, num_kv_heads=4, group=2, head_dim=256, block_size=16
+    )
+    query, cache = query.to(torch.bfloat16), ctx.kv_caches[0].to(torch.bfloat16)
+    inputs = (ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, ctx.positions, ctx.kv_limits)
+
+    def step():
+        return paged_attention(query, cache, *inputs, scale, None, max_query_len=1)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    new_lens = [1 + 71 * i for i in range(num_seqs)]
+    fresh = ForwardContext.build([1] * num_seqs, new_lens, [[]] * num_seqs, DEVICE)
+    ctx.seq_lens.copy_(fresh.seq_lens)
+    ctx.positions.copy_(fresh.positions)
+    ctx.kv_limits.copy_(fresh.kv_limits)
+    graph.replay()
+    fresh.block_tables, fresh.kv_caches = ctx.block_tables, [cache.float()]
+    expected = attention_ref(query.float(), None, None, fresh, 0, scale, None)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
