@@ -152,6 +152,15 @@ def test_image_groups_attend_bidirectionally(window, block_size):
     check_against_ref(query, ctx, window)
 
 
+def test_odd_group_strided_query_and_empty_query():
+    # 3 query heads per KV head (padded to 4 rows), the query a strided slice of a wider
+    # projection, and a sequence with no query tokens this step.
+    query, ctx = make_step([3, 0, 9], [10, 4, 20], group=3)
+    wide = torch.randn(query.shape[0], 10, query.shape[2], device=DEVICE)
+    wide[:, 2:8] = query
+    check_against_ref(wide[:, 2:8], ctx, 4)
+
+
 def test_invisible_keys_are_never_read():
     """NaN in every cache slot no query of its sequence may see must not reach the output."""
     window = 6

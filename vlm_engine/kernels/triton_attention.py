@@ -147,7 +147,7 @@ def paged_attention_kernel(
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2e
         visible = keys[None, :] < kv_limit[:, None]
         if USE_WINDOW:
-            visible = visible
+            visible = visible & (keys[None, :] > position[:, None] - window)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -230,16 +230,19 @@ def paged_attention(
     query: [T, num_heads, head_dim]; kv_cache: [2, num_blocks, block_size, num_kv_heads,
     head_dim] holding this step's keys/values already; block_tables [S, max_blocks] int32;
     seq_lens [S] int32; query_start_loc [S + 1] int32 with query_start_loc[S] == T (rows past
-    it are left unwritten); positions, kv_limits [T] int64. `max_query_len` is optional and
-    never read from the device: 1 selects the decode-only grid (requires T == S), small values
-    shrink the query tile. `tile_config` overrides `default_tile_config`; `visited_tiles`
-    ([T, num_kv_heads] int32, for tests) receives how many KV tiles each token's program read.
+    it are left unwritten); positions, kv_limits [T] int64. Nothing is read back to the host.
+
+    `max_query_len` is a host-side hint: 1 promises exactly one query token per sequence and
+    selects the fixed decode grid (T == S is checked); larger values only shrink the query
+    tile, so a wrong one costs speed, not correctness. `tile_config` overrides
+    `default_tile_config`; `visited_tiles` ([T, num_kv_heads] int32, for tests) receives how
+    many KV tiles the program of each token read.
     """
     _check_inputs(query, kv_cache, block_tables, seq_lens, query_start_loc, positions, kv_limits)
     num_tokens, num_heads, head_dim = query.shape
     num_seqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
     _check_options(query, kv_cache, num_seqs, window, max_query_len, visited_tiles)
-    out = torch.empty_like(query)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0:
         return out
     decode_only = max_query_len == 1
