@@ -18,6 +18,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb
     kv_cache_memory_gb: float | None = None  # None: 0.25 GiB on a CPU; on a GPU, profiled
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use (KV sizing)
+    use_cuda_graphs: bool = True  # replay decode-only steps from CUDA graphs (GPU only)
     load_format: str = "safetensors"  # or "dummy": random weights of the checkpoint's shapes
     enable_prefix_caching: bool = True
     encoder_cache_size: int = 16384  # image embeddings kept on the device (256 per Gemma3 image)

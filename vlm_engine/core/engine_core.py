@@ -49,6 +49,8 @@ class EngineCore:
             model, num_blocks, config.block_size, config.seed, connector, normalize
         )
         self.num_steps = 0
+        if config.use_cuda_graphs and self.runner.device.type == "cuda":
+            self.runner.enable_cuda_graphs(config.max_num_seqs, max_model_len)
 
     def add_request(self, request: Request) -> None:
         seed = request.sampling_params.seed

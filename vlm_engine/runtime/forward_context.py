@@ -52,9 +52,8 @@ class ForwardContext:
     seq_lens_cpu: list[int]
     slot_mapping: torch.Tensor | None = None  # [T] int64 KV slot per token, -1 = padding
     block_tables: torch.Tensor | None = None  # [S, max_blocks] int32
-    kv_caches: Sequence[torch.Tensor] | None = (
-        None  # per layer [2, blocks, block_size, kv_heads, dim]
-    )
+    kv_caches: Sequence[torch.Tensor] | None = None  # per layer [2, blocks, bs, kv_heads, dim]
+    max_query_len: int | None = None  # host-side hint for kernels (1: a decode-only step)
 
     @functools.cached_property
     def decode_batch(self) -> DecodeBatch | None:
@@ -112,6 +111,7 @@ class ForwardContext:
             seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
+            max_query_len=max(query_lens),
             **paged,
         )
 

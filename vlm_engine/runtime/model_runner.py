@@ -11,6 +11,7 @@ from vlm_engine.caches.ec_connector import ECConnector
 from vlm_engine.core.request import Request
 from vlm_engine.core.scheduler import ScheduledChunk, SchedulerOutput
 from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.runtime.cuda_graphs import CudaGraphRunner
 from vlm_engine.runtime.encoder_runner import EncoderRunner
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.runtime.greedy import allocate_kv_caches
@@ -39,12 +40,16 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size)
         self.sampler = Sampler(seed)
         self.encoder = EncoderRunner(model, connector, normalize)
+        self.graphs: CudaGraphRunner | None = None
         self.vocab_size = model.config.text.vocab_size
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         self.drop_encoder_outputs(step.free_encoder_hashes)
         self.encoder.run(step.chunks)
+        if self._graph_step(step):
+            logits = self._run_graph(step.chunks)
+            return self._sample(logits, [c.request for c in step.chunks])
         ids, ctx, image_embeds, image_mask = self._prepare_inputs(step.chunks)
         hidden = self.model(ids, ctx, image_embeds, image_mask)
         sampling = [c for c in step.chunks if c.samples]
@@ -55,6 +60,36 @@ class ModelRunner:
         rows = torch.tensor([i for i, c in enumerate(step.chunks) if c.samples], device=self.device)
         logits = self.model.compute_logits(hidden[last_rows[rows]])
         return self._sample(logits, [c.request for c in sampling])
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = CudaGraphRunner(self.model, self.kv_caches, max_batch, max_blocks)
+        self.graphs.capture()
+
+    def _graph_step(self, step: SchedulerOutput) -> bool:
+        if self.graphs is None or step.free_encoder_hashes:
+            return False
+        chunks = step.chunks
+        return all(c.num_tokens == 1 and c.samples and not c.encoder_inputs for c in chunks) and (
+            self.graphs.fits(len(chunks), max(len(c.block_ids) for c in chunks))
+        )
+
+    def _run_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        width = max(len(c.block_ids) for c in chunks)
+        tables = [c.block_ids + [0] * (width - len(c.block_ids)) for c in chunks]
+        host = dict(dtype=torch.int64, pin_memory=True)
+        ids = torch.tensor([c.request.all_token_ids[c.start] for c in chunks], **host)
+        positions = torch.tensor([c.start for c in chunks], **host)
+        slots = torch.tensor([s for c in chunks for s in self._slots(c)], **host)
+        seq_lens = torch.tensor([c.end for c in chunks], dtype=torch.int32, pin_memory=True)
+        block_tables = torch.tensor(tables, dtype=torch.int32, pin_memory=True)
+        device = self.device
+        return self.graphs.run(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (ids, positions, slots, block_tables, seq_lens)
+            )
+        )
 
     def drop_encoder_outputs(self, mm_hashes: list[str]) -> None:
         self.encoder.drop(mm_hashes)

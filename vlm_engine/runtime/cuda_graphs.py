@@ -1,0 +1,102 @@
+"""Decode-only steps replayed from captured CUDA graphs, one graph per padded batch size.
+
+A decode step runs the same kernels every time, only on other data: the graph of the smallest
+captured size that fits is replayed after the step's inputs are copied into its static buffers.
+Padding rows write no KV (slot -1) and read one harmless cache slot; their logits are dropped.
+Steps with prefill chunks, images, or more sequences than the largest graph run eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.runtime.forward_context import ForwardContext
+
+logger = logging.getLogger("vlm_engine")
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return [*sizes, max_batch]
+
+
+class CudaGraphRunner:
+    def __init__(
+        self,
+        model: Gemma3Model,
+        kv_caches: list[torch.Tensor],
+        max_batch: int,
+        max_blocks_per_seq: int,
+    ):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = capture_sizes(max_batch)
+        device = model.language_model.embed_tokens.weight.device
+        longs = dict(dtype=torch.int64, device=device)
+        ints = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(max_batch, **longs)
+        self.positions = torch.zeros(max_batch, **longs)
+        self.kv_limits = torch.ones(max_batch, **longs)
+        self.slot_mapping = torch.full((max_batch,), -1, **longs)
+        self.seq_lens = torch.ones(max_batch, **ints)
+        self.query_start_loc = torch.arange(max_batch + 1, **ints)
+        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, **ints)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
+            self._forward(size)  # warm-up: kernels compiled, allocator settled
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[size] = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.sizes), self.sizes)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        ctx = ForwardContext(
+            positions=self.positions[:size], kv_limits=self.kv_limits[:size],
+            query_start_loc=self.query_start_loc[: size + 1], seq_lens=self.seq_lens[:size],
+            query_lens_cpu=[1] * size, seq_lens_cpu=[], slot_mapping=self.slot_mapping[:size],
+            block_tables=self.block_tables[:size], kv_caches=self.kv_caches, max_query_len=1,
+        )  # fmt: skip
+        hidden = self.model(self.input_ids[:size], ctx)
+        return self.model.compute_logits(hidden)
+
+    def fits(self, num_seqs: int, num_blocks: int) -> bool:
+        return num_seqs <= self.sizes[-1] and num_blocks <= self.block_tables.shape[1]
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode token per sequence -> logits [num_seqs, vocab] (a view: copy to keep)."""
+        n = input_ids.shape[0]
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.kv_limits[:n].copy_(positions + 1, non_blocking=True)
+        self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        if size > n:  # padding rows: no KV write, a one-token context at slot 0
+            self.slot_mapping[n:size].fill_(-1)
+            self.seq_lens[n:size].fill_(1)
+            self.kv_limits[n:size].fill_(1)
+            self.positions[n:size].zero_()
+            self.block_tables[n:size].zero_()
+        self.graphs[size].replay()
+        return self.logits[size][:n]
