@@ -4,6 +4,8 @@ boundaries inside images. After each run every KV block and encoder reference is
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,9 @@ from vlm_engine.testing.samples import WORDS, random_words
 from vlm_engine.testing.samples import random_image as sample_image
 
 NUM_IMAGES = 5
+# VLM_TEST_DEVICE=cuda runs the engine on a GPU (Triton kernels, CUDA graphs) against the same
+# transformers reference, float32.
+DEVICE = os.environ.get("VLM_TEST_DEVICE", "cpu")
 
 
 def random_image(seed: int) -> Image.Image:
@@ -78,7 +83,7 @@ def reference(checkpoint, images) -> list[list[int]]:
 
 
 def run_engine(checkpoint, images, specs=SPECS, **options):
-    engine = Engine(checkpoint, device="cpu", dtype="float32", **options)
+    engine = Engine(checkpoint, device=DEVICE, dtype="float32", **options)
     prompts = [{"prompt": text, "images": [images[i] for i in ids]} for text, ids, _ in specs]
     params = [SamplingParams(temperature=0, max_tokens=n, min_tokens=n) for _, _, n in specs]
     outputs = engine.generate(prompts, params)
@@ -128,7 +133,7 @@ def test_prefix_cache_hits_keep_outputs_exact(checkpoint, images, reference):
 
 def test_different_image_same_tokens_does_not_hit(checkpoint, images):
     """Image tokens all have the same id: only the image hash tells the blocks apart."""
-    engine = Engine(checkpoint, device="cpu", dtype="float32", block_size=4)
+    engine = Engine(checkpoint, device=DEVICE, dtype="float32", block_size=4)
     params = SamplingParams(temperature=0, max_tokens=3)
     engine.generate({"prompt": "<start_of_image>What is this?", "images": [images[0]]}, params)
     (out,) = engine.generate(
@@ -138,7 +143,7 @@ def test_different_image_same_tokens_does_not_hit(checkpoint, images):
 
 
 def test_cache_salt_isolates_prefixes(checkpoint):
-    engine = Engine(checkpoint, device="cpu", dtype="float32", block_size=4)
+    engine = Engine(checkpoint, device=DEVICE, dtype="float32", block_size=4)
     params = SamplingParams(temperature=0, max_tokens=2)
     text = " ".join(WORDS)
     engine.add_request(text, params, cache_salt="alice")

@@ -47,7 +47,7 @@ def _interpreted_functions() -> list[tuple[object, str, object]]:
 
     return [
         (module, name, InterpretedFunction(value.fn))
-        for module in (triton_norm, triton_rotary, triton_kv_store, tl)
+        for module in (triton_norm, triton_rotary, triton_kv_store, tl, tl.standard)
         for name, value in vars(module).items()
         if isinstance(value, JITFunction)
     ]
@@ -177,7 +177,8 @@ def test_norms_low_precision(dtype):
 
 
 def _check_rotary(num_tokens, num_heads, num_kv_heads, head_dim, dtype, gen, theta, scaling):
-    qkv, (q, k, v) = _fused_qkv(num_tokens, num_heads, num_kv_heads, head_dim, gen, dtype)
+    # -> (q, expected q), (k, expected k) after rotating q and k, strided views of a fused qkv.
+    _, (q, k, v) = _fused_qkv(num_tokens, num_heads, num_kv_heads, head_dim, gen, dtype)
     positions = torch.randint(0, 40_000, (num_tokens,), generator=gen).to(DEVICE)
     inv_freq = rope_inv_freq(head_dim, theta, scaling, DEVICE)
     cos, sin = rope_cos_sin(positions, inv_freq, dtype)
@@ -185,7 +186,7 @@ def _check_rotary(num_tokens, num_heads, num_kv_heads, head_dim, dtype, gen, the
     v_before = v.clone()
     triton_rotary.apply_rotary_(q, k, positions, inv_freq)
     assert torch.equal(v, v_before)
-    return (q, expected_q), (k, expected_k), qkv
+    return (q, expected_q), (k, expected_k)
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 80, 256])
@@ -195,10 +196,9 @@ def test_rotary(head_dim, num_tokens, num_heads, num_kv_heads):
     gen = torch.Generator().manual_seed(head_dim * 100 + num_tokens + num_heads)
     # Sliding layers' RoPE (base 1e4) and full layers' (base 1e6, linear scaling x8).
     theta, scaling = (1e4, 1.0) if num_tokens % 2 else (1e6, 8.0)
-    pairs = _check_rotary(
+    for actual, expected in _check_rotary(
         num_tokens, num_heads, num_kv_heads, head_dim, torch.float32, gen, theta, scaling
-    )[:2]
-    for actual, expected in pairs:
+    ):
         torch.testing.assert_close(actual, expected, **FP32_TOLERANCE)
 
 
@@ -208,7 +208,7 @@ def test_rotary_low_precision(dtype):
     num_tokens = LOW_PRECISION_SIZES["num_tokens"]
     for head_dim in LOW_PRECISION_SIZES["head_dim"]:
         for theta, scaling in ((1e4, 1.0), (1e6, 8.0)):
-            pairs = _check_rotary(num_tokens, 16, 8, head_dim, dtype, gen, theta, scaling)[:2]
+            pairs = _check_rotary(num_tokens, 16, 8, head_dim, dtype, gen, theta, scaling)
             for actual, expected in pairs:
                 assert_equal_up_to_rounding(actual, expected)
 

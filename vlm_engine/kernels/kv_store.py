@@ -2,6 +2,8 @@
 
 import torch
 
+from vlm_engine.kernels.triton_attention import triton_available
+
 
 def store_kv_ref(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -18,4 +20,9 @@ def store_kv_ref(
 def store_kv(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    store_kv_ref(key, value, kv_cache, slot_mapping)
+    if key.is_cuda and triton_available(key.device):
+        from vlm_engine.kernels.triton_kv_store import store_kv as store_kv_triton
+
+        store_kv_triton(key, value, kv_cache, slot_mapping)
+    else:
+        store_kv_ref(key, value, kv_cache, slot_mapping)

@@ -26,5 +26,26 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return apply_rotary_ref(x, cos, sin)
+class Rotary:
+    """RoPE inputs of one forward pass for one layer type; `apply` rotates q and k.
+
+    On a GPU a Triton kernel rotates in place, computing cos/sin itself; elsewhere cos/sin are
+    computed once per pass (on first use) and the torch reference rotates."""
+
+    def __init__(self, positions: torch.Tensor, inv_freq: torch.Tensor):
+        self.positions = positions
+        self.inv_freq = inv_freq
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, heads, dim]  k: [T, kv_heads, dim]
+        from vlm_engine.kernels.triton_attention import triton_available
+
+        if q.is_cuda and triton_available(q.device):
+            from vlm_engine.kernels.triton_rotary import apply_rotary_
+
+            apply_rotary_(q, k, self.positions, self.inv_freq)
+            return q, k
+        if self._cos_sin is None:
+            self._cos_sin = rope_cos_sin(self.positions, self.inv_freq, q.dtype)
+        return apply_rotary_ref(q, *self._cos_sin), apply_rotary_ref(k, *self._cos_sin)

@@ -4,11 +4,14 @@ Both follow `rms_norm_ref`: float32 statistics, a float32 scale by (1 + weight),
 activation dtype at the end. A program normalizes a tile of BLOCK_ROWS rows x BLOCK_D columns;
 short rows (q_norm/k_norm over head_dim) share a program, hidden-size rows get one each.
 
-Where results can differ from the torch reference: the float32 sum of squares is added in a
-different order, so the statistics can move by a few float32 ulp. Everything else is the same
+Where results can differ from the torch reference: only the float32 statistics. The sum of
+squares adds in a different order (and rsqrt and the mean's 1 / dim follow torch's CUDA kernels,
+not its CPU ones), so rsqrt(mean + eps) can move by a few float32 ulp. Everything else is the same
 sequence of roundings (fp contraction into FMAs is turned off so that float32 products are rounded
-as torch rounds them). In bf16/fp16 that moves an output by at most one ulp of the activation
-dtype, and only where the float32 value sits next to a rounding boundary.
+as torch rounds them), and the fused step rounds exactly where the unfused modules do. In
+bf16/fp16 an output can therefore move by one ulp of the activation dtype, only where its float32
+value sits next to a rounding boundary; in the fused step such a flip in the new residual then
+feeds the second norm, as it would with the unfused Triton norm.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def _gemma_rms_scale(x, weight_plus_one, inv_dim, eps):
     return x * rstd[:, None] * weight_plus_one[None, :]
 
 
-@triton.jit
+# num_rows changes every step: not specializing on it saves recompiles (and CUDA-graph warmups).
+@triton.jit(do_not_specialize=["num_rows"])
 def rms_norm_kernel(
     x_ptr,
     weight_ptr,
@@ -59,7 +63,7 @@ def rms_norm_kernel(
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def post_norm_residual_pre_norm_kernel(
     h_ptr,
     residual_ptr,

@@ -15,8 +15,8 @@ from vlm_engine.config import ModelConfig, TextConfig
 from vlm_engine.errors import InvalidInputError
 from vlm_engine.kernels.attention import attention
 from vlm_engine.kernels.kv_store import store_kv
-from vlm_engine.kernels.norm import rms_norm
-from vlm_engine.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+from vlm_engine.kernels.norm import post_norm_residual_pre_norm, rms_norm
+from vlm_engine.kernels.rotary import Rotary, rope_inv_freq
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.vision.projector import Gemma3MultiModalProjector
 from vlm_engine.vision.siglip import SiglipVisionTower
@@ -60,15 +60,13 @@ class Gemma3Attention(nn.Module):
         self.q_norm = Gemma3RMSNorm(dim, config.rms_norm_eps)
         self.k_norm = Gemma3RMSNorm(dim, config.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, ctx: ForwardContext) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
         num_tokens = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        q, k = rotary.apply(q, k)
         if ctx.uses_kv_cache:
             store_kv(k, v, ctx.kv_caches[self.layer_idx], ctx.slot_mapping)
         out = attention(q, k, v, ctx, self.layer_idx, self.scale, self.window)
@@ -87,13 +85,14 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
         self.post_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
 
-    def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
-    ) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos_sin, ctx)
-        x = x + self.post_attention_layernorm(h)
-        h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h)
+    def forward(self, x: torch.Tensor, rotary: Rotary, ctx: ForwardContext) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rotary, ctx)
+        # x + post_attention_norm(h), then pre_feedforward_norm of that: one kernel on a GPU
+        x, h = post_norm_residual_pre_norm(
+            h, x, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+            self.post_attention_layernorm.eps,
+        )  # fmt: skip
+        return x + self.post_feedforward_layernorm(self.mlp(h))
 
 
 class Gemma3TextModel(nn.Module):
@@ -123,12 +122,9 @@ class Gemma3TextModel(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # inputs_embeds: [T, hidden] -> final-normed hidden states [T, hidden]
         x = inputs_embeds
-        cos_sin = {
-            layer_type: rope_cos_sin(ctx.positions, inv_freq, x.dtype)
-            for layer_type, inv_freq in self.inv_freq.items()
-        }
+        rotary = {kind: Rotary(ctx.positions, inv_freq) for kind, inv_freq in self.inv_freq.items()}
         for layer in self.layers:
-            x = layer(x, cos_sin[layer.layer_type], ctx)
+            x = layer(x, rotary[layer.layer_type], ctx)
         return self.norm(x)
 
 
