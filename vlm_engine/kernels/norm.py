@@ -21,7 +21,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _on_gpu(x) and x.dim() in (2, 3):
         from vlm_engine.kernels import triton_norm
 
-        return triton_norm.rms_norm(x, weight, eps)
+        return triton_norm.rms_norm(x if x.stride(-1) == 1 else x.contiguous(), weight, eps)
     return rms_norm_ref(x, weight, eps)
 
 
