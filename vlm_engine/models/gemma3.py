@@ -106,18 +106,21 @@ class Gemma3TextModel(nn.Module):
         )
         self.norm = Gemma3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.inv_freq: dict[str, torch.Tensor] = {}
+        self.embed_scale: torch.Tensor | None = None
 
     def init_rope(self, device: torch.device) -> None:
+        """Device constants, made once after loading (a forward must not copy from the host:
+        decode steps are replayed from CUDA graphs)."""
         self.inv_freq = {
             layer_type: rope_inv_freq(self.config.head_dim, rope.theta, rope.scaling_factor, device)
             for layer_type, rope in self.config.rope.items()
         }
+        # Gemma scales embeddings by sqrt(hidden), the scale rounded to the weight dtype first.
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32)
+        self.embed_scale = scale.to(self.embed_tokens.weight.dtype).to(device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Gemma scales embeddings by sqrt(hidden), the scale rounded to the weight dtype first.
-        weight = self.embed_tokens.weight
-        scale = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(weight.dtype)
-        return self.embed_tokens(input_ids) * scale.to(weight.device)
+        return self.embed_tokens(input_ids) * self.embed_scale
 
     def forward(self, inputs_embeds: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # inputs_embeds: [T, hidden] -> final-normed hidden states [T, hidden]
