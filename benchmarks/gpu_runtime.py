@@ -147,9 +147,32 @@ def bench_vision(engine, hf, args) -> list[str]:
     ]
 
 
+def bench_host_overhead(engine, hf, args) -> list[str]:
+    """Per-step host time at 256 running text requests (decode steps dominate)."""
+    params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
+    prompts = [f"Request {i}: describe a quiet street at night." for i in range(256)]
+    engine.generate(prompts[:8], params)
+    core = engine.core
+    before = dict(core.step_seconds, prepare=core.runner.prepare_seconds, steps=core.num_steps)
+    wall, _ = timed(lambda: engine.generate(prompts, params))
+    steps = core.num_steps - before["steps"]
+    ms = {k: (core.step_seconds[k] - before[k]) / steps * 1e3 for k in core.step_seconds}
+    prepare = (core.runner.prepare_seconds - before["prepare"]) / steps * 1e3
+    host = ms["schedule"] + prepare + ms["update"]
+    step = wall / steps * 1e3
+    return [
+        f"| d. 256 running requests, {steps} steps | ms per step (wall, incl. frontend) | "
+        f"{step:.2f} | | |",
+        f"| | host: schedule / prepare inputs / update (ms) | {ms['schedule']:.2f} / "
+        f"{prepare:.2f} / {ms['update']:.2f} | | host {host / step:.0%} of the step |",
+        f"| | execute: forward + sampling, incl. host waits (ms) | "
+        f"{ms['execute'] - prepare:.2f} | | |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="a,b,c")
+    parser.add_argument("--only", default="a,b,c,d")
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=64)

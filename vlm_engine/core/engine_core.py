@@ -5,6 +5,7 @@ It speaks in token ids only; text, images-as-files and stop strings belong to th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class EngineCore:
             model, num_blocks, config.block_size, config.seed, connector, normalize
         )
         self.num_steps = 0
+        self.step_seconds = {"schedule": 0.0, "execute": 0.0, "update": 0.0}  # host wall time
         if config.use_cuda_graphs and self.runner.device.type == "cuda":
             self.runner.enable_cuda_graphs(config.max_num_seqs, max_model_len)
 
@@ -73,14 +75,20 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         if not self.scheduler.has_unfinished():
             return []
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return []
-        result = self.runner.execute(scheduled)
+        scheduled_at = time.perf_counter()
+        result = self.runner.execute(scheduled)  # returns once the sampled ids are on the host
+        executed_at = time.perf_counter()
         finished = {
             r.request_id for r in self.scheduler.update_from_output(scheduled, result.sampled)
         }
         self.num_steps += 1
+        self.step_seconds["schedule"] += scheduled_at - start
+        self.step_seconds["execute"] += executed_at - scheduled_at
+        self.step_seconds["update"] += time.perf_counter() - executed_at
         outputs = []
         for chunk in scheduled.chunks:
             request = chunk.request
@@ -112,6 +120,9 @@ class EngineCore:
         stats = self.scheduler.stats()
         stats["num_steps"] = self.num_steps
         stats["vision_encoder"] = self.runner.encoder.stats()
+        steps = max(self.num_steps, 1)
+        seconds = {**self.step_seconds, "prepare_inputs": self.runner.prepare_seconds}
+        stats["step_time_ms"] = {k: v / steps * 1e3 for k, v in seconds.items()}
         return stats
 
     def all_blocks_free(self) -> bool:

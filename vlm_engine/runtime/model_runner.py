@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.encoder = EncoderRunner(model, connector, normalize)
         self.graphs: CudaGraphRunner | None = None
+        self.prepare_seconds = 0.0  # host time spent building step inputs
         self.vocab_size = model.config.text.vocab_size
 
     @torch.inference_mode()
@@ -50,7 +52,9 @@ class ModelRunner:
         if self._graph_step(step):
             logits = self._run_graph(step.chunks)
             return self._sample(logits, [c.request for c in step.chunks])
+        start = time.perf_counter()
         ids, ctx, image_embeds, image_mask = self._prepare_inputs(step.chunks)
+        self.prepare_seconds += time.perf_counter() - start
         hidden = self.model(ids, ctx, image_embeds, image_mask)
         sampling = [c for c in step.chunks if c.samples]
         if not sampling:
@@ -75,6 +79,7 @@ class ModelRunner:
         )
 
     def _run_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        start = time.perf_counter()
         width = max(len(c.block_ids) for c in chunks)
         tables = [c.block_ids + [0] * (width - len(c.block_ids)) for c in chunks]
         host = dict(dtype=torch.int64, pin_memory=True)
@@ -83,13 +88,12 @@ class ModelRunner:
         slots = torch.tensor([s for c in chunks for s in self._slots(c)], **host)
         seq_lens = torch.tensor([c.end for c in chunks], dtype=torch.int32, pin_memory=True)
         block_tables = torch.tensor(tables, dtype=torch.int32, pin_memory=True)
-        device = self.device
-        return self.graphs.run(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (ids, positions, slots, block_tables, seq_lens)
-            )
-        )
+        inputs = [
+            t.to(self.device, non_blocking=True)
+            for t in (ids, positions, slots, block_tables, seq_lens)
+        ]
+        self.prepare_seconds += time.perf_counter() - start
+        return self.graphs.run(*inputs)
 
     def drop_encoder_outputs(self, mm_hashes: list[str]) -> None:
         self.encoder.drop(mm_hashes)
