@@ -196,6 +196,7 @@ def main() -> None:
             ("a", bench_captioning),
             ("b", bench_single_stream),
             ("c", bench_vision),
+            ("d", bench_host_overhead),
         ):
             if part in args.only.split(","):
                 new_rows = bench(engine, hf, args)
