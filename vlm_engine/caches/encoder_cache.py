@@ -29,7 +29,11 @@ class EncoderCacheManager:
 
     @property
     def num_reclaimable(self) -> int:
-        return self.num_free + sum(self.unreferenced.values())
+        return self.reclaimable_without(())
+
+    def reclaimable_without(self, keep: set[str] | tuple[()]) -> int:
+        """Embeddings that allocations could free, not counting the entries in `keep`."""
+        return self.num_free + sum(size for h, size in self.unreferenced.items() if h not in keep)
 
     def is_cached(self, mm_hash: str) -> bool:
         return mm_hash in self.refs
@@ -45,8 +49,10 @@ class EncoderCacheManager:
         self.unreferenced.pop(mm_hash, None)
         return True
 
-    def can_allocate(self, size: int, budget_left: int) -> bool:
-        return size <= budget_left and size <= self.num_reclaimable
+    def can_allocate(self, size: int, budget_left: int, keep: set[str] | tuple[()] = ()) -> bool:
+        """Whether `size` new embeddings fit this step's budget and the cache, without evicting
+        the entries in `keep` (those the same chunk is about to reuse)."""
+        return size <= budget_left and size <= self.reclaimable_without(keep)
 
     def allocate(self, request: Request, mm_hash: str, size: int) -> None:
         """Make room (evicting unreferenced entries, oldest first) for an entry to compute."""

@@ -67,7 +67,6 @@ class EngineCore:
             request = self.scheduler.requests.get(request_id)
             if request is not None:
                 self.scheduler.finish(request, status)
-        self._drop_freed_encoder_outputs()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -109,11 +108,9 @@ class EngineCore:
         return outputs
 
     def evict_unreferenced_encoder_outputs(self) -> None:
+        """Drop now every image embedding no request references (evictions otherwise happen
+        inside `schedule()` and reach the runner with that step)."""
         self.scheduler.encoder_cache.evict_unreferenced()
-        self._drop_freed_encoder_outputs()
-
-    def _drop_freed_encoder_outputs(self) -> None:
-        """Image embeddings no request needs any more leave the device now, not next step."""
         self.runner.drop_encoder_outputs(self.scheduler.encoder_cache.take_freed())
 
     def stats(self) -> dict[str, object]:

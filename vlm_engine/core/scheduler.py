@@ -134,16 +134,13 @@ class Scheduler:
         cache = self.encoder_cache
         overlapping = [f for f in request.mm_features if _overlaps(f, start, end)]
         in_use = {f.mm_hash for f in overlapping}
-        reclaimable = cache.num_free + sum(
-            size for h, size in cache.unreferenced.items() if h not in in_use
-        )
         planned: set[str] = set()
         needed = 0
         for feature in overlapping:
             if feature.mm_hash in planned or cache.is_cached(feature.mm_hash):
                 continue
             needed += feature.placeholder.num_embeds
-            if needed > min(self._encoder_budget, reclaimable):
+            if not cache.can_allocate(needed, self._encoder_budget, keep=in_use):
                 return max(feature.offset, start)
             planned.add(feature.mm_hash)
         return end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,10 +60,9 @@ class ModelRunner:
         sampling = [c for c in step.chunks if c.samples]
         if not sampling:
             return ModelRunnerOutput({}, {})
-        last_rows = torch.tensor([c.end - c.start for c in step.chunks], device=self.device)
-        last_rows = torch.cumsum(last_rows, 0) - 1
-        rows = torch.tensor([i for i, c in enumerate(step.chunks) if c.samples], device=self.device)
-        logits = self.model.compute_logits(hidden[last_rows[rows]])
+        ends = itertools.accumulate(c.num_tokens for c in step.chunks)  # on the host: no sync
+        rows = [end - 1 for end, c in zip(ends, step.chunks, strict=True) if c.samples]
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         return self._sample(logits, [c.request for c in sampling])
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
