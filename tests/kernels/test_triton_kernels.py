@@ -1,4 +1,4 @@
-"""Triton norm, rotary and KV-store kernels against their torch references.
+"""Triton norm, rotary, KV-store and activation kernels against their torch references.
 
 Without a GPU the kernels run on Triton's interpreter (numpy on the CPU) in float32, plus float16
 at small sizes; with one, the same tests run natively and the bf16/fp16 tests use model sizes.
@@ -15,7 +15,13 @@ pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from vlm_engine.kernels import triton_kv_store, triton_norm, triton_rotary  # noqa: E402
+from vlm_engine.kernels import (  # noqa: E402
+    triton_activation,
+    triton_kv_store,
+    triton_norm,
+    triton_rotary,
+)
+from vlm_engine.kernels.activation import gelu_and_mul_ref  # noqa: E402
 from vlm_engine.kernels.kv_store import store_kv_ref  # noqa: E402
 from vlm_engine.kernels.norm import post_norm_residual_pre_norm_ref, rms_norm_ref  # noqa: E402
 from vlm_engine.kernels.rotary import apply_rotary_ref, rope_cos_sin, rope_inv_freq  # noqa: E402
@@ -47,7 +53,14 @@ def _interpreted_functions() -> list[tuple[object, str, object]]:
 
     return [
         (module, name, InterpretedFunction(value.fn))
-        for module in (triton_norm, triton_rotary, triton_kv_store, tl, tl.standard)
+        for module in (
+            triton_norm,
+            triton_rotary,
+            triton_kv_store,
+            triton_activation,
+            tl,
+            tl.standard,
+        )
         for name, value in vars(module).items()
         if isinstance(value, JITFunction)
     ]
@@ -257,6 +270,32 @@ def test_store_kv_casts_to_the_cache_dtype():
     assert torch.equal(cache, expected)
 
 
+# ---- gelu_tanh(gate) * up --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("intermediate", [16, 80, 1100])
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_gelu_and_mul(intermediate, num_tokens):
+    gen = torch.Generator().manual_seed(intermediate + num_tokens)
+    gate_up = _randn(num_tokens, 2 * intermediate, gen=gen, scale=3.0)
+    out = triton_activation.gelu_and_mul(gate_up)
+    assert out.shape == (num_tokens, intermediate) and out.is_contiguous()
+    # On a GPU tanh is the same tanhf as torch's; the interpreter's exp form differs by ulps of
+    # 1 + tanh(y), which is large relative error where gelu is tiny (very negative gates).
+    tolerance = FP32_TOLERANCE if CUDA else {"rtol": 2e-6, "atol": 1e-5}
+    torch.testing.assert_close(out, gelu_and_mul_ref(gate_up), **tolerance)
+
+
+@pytest.mark.skipif(not CUDA, reason="bit-level agreement needs libdevice's tanhf (GPU only)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gelu_and_mul_low_precision(dtype):
+    gen = torch.Generator().manual_seed(29)
+    intermediate = 10240
+    gate_up = _randn(LOW_PRECISION_SIZES["num_tokens"], 2 * intermediate, gen=gen, scale=3.0)
+    gate_up = gate_up.to(dtype)
+    assert_equal_up_to_rounding(triton_activation.gelu_and_mul(gate_up), gelu_and_mul_ref(gate_up))
+
+
 # ---- Wrappers -----------------------------------------------------------------------------------
 
 
@@ -282,3 +321,5 @@ def test_wrappers_reject_mismatched_inputs():
         triton_kv_store.store_kv(x, x, cache[:, :, :, :4], positions)
     with pytest.raises(ValueError, match="slot_mapping"):
         triton_kv_store.store_kv(x, x, cache, positions[:3])
+    with pytest.raises(ValueError, match="gate_up"):
+        triton_activation.gelu_and_mul(x[:, :, :15].reshape(4, -1)[:, :15])

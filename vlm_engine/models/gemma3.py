@@ -13,10 +13,12 @@ from torch import nn
 
 from vlm_engine.config import ModelConfig, TextConfig
 from vlm_engine.errors import InvalidInputError
+from vlm_engine.kernels.activation import gelu_and_mul
 from vlm_engine.kernels.attention import attention
 from vlm_engine.kernels.kv_store import store_kv
 from vlm_engine.kernels.norm import post_norm_residual_pre_norm, rms_norm
 from vlm_engine.kernels.rotary import Rotary, rope_inv_freq
+from vlm_engine.models.fusion import fuse_linears
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.vision.projector import Gemma3MultiModalProjector
 from vlm_engine.vision.siglip import SiglipVisionTower
@@ -38,9 +40,18 @@ class Gemma3MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            return self.down_proj(gelu_and_mul(self.gate_up_proj(x)))
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+    def fuse_projections(self) -> None:
+        if self.gate_up_proj is not None:
+            return
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        self.gate_proj = self.up_proj = None
 
 
 class Gemma3Attention(nn.Module):
@@ -59,18 +70,32 @@ class Gemma3Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * dim, hidden, bias=False)
         self.q_norm = Gemma3RMSNorm(dim, config.rms_norm_eps)
         self.k_norm = Gemma3RMSNorm(dim, config.rms_norm_eps)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
 
     def forward(self, x: torch.Tensor, rotary: Rotary, ctx: ForwardContext) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
         num_tokens = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project_qkv(x)  # [T, heads * dim], [T, kv_heads * dim] x 2
+        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = rotary.apply(q, k)
         if ctx.uses_kv_cache:
             store_kv(k, v, ctx.kv_caches[self.layer_idx], ctx.slot_mapping)
         out = attention(q, k, v, ctx, self.layer_idx, self.scale, self.window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # strided views
+
+    def fuse_projections(self) -> None:
+        if self.qkv_proj is not None:
+            return
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.q_proj = self.k_proj = self.v_proj = None
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -85,14 +110,27 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
         self.post_feedforward_layernorm = Gemma3RMSNorm(config.hidden_size, eps)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, ctx: ForwardContext) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), rotary, ctx)
-        # x + post_attention_norm(h), then pre_feedforward_norm of that: one kernel on a GPU
-        x, h = post_norm_residual_pre_norm(
-            h, x, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
-            self.post_attention_layernorm.eps,
+    def forward(
+        self,
+        residual: torch.Tensor,
+        normed: torch.Tensor,
+        rotary: Rotary,
+        ctx: ForwardContext,
+        next_norm: Gemma3RMSNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # residual: the stream entering the layer; normed: its input_layernorm, computed by the
+        # previous layer's last fused step. Returns the stream leaving the layer and next_norm of
+        # it (the next layer's input_layernorm, or the final norm after the last layer).
+        h = self.self_attn(normed, rotary, ctx)
+        # residual + post_norm(h), then the following pre-norm of that: one kernel on a GPU
+        residual, h = post_norm_residual_pre_norm(
+            h, residual, self.post_attention_layernorm.weight,
+            self.pre_feedforward_layernorm.weight, self.post_attention_layernorm.eps,
         )  # fmt: skip
-        return x + self.post_feedforward_layernorm(self.mlp(h))
+        return post_norm_residual_pre_norm(
+            self.mlp(h), residual, self.post_feedforward_layernorm.weight, next_norm.weight,
+            self.post_feedforward_layernorm.eps,
+        )  # fmt: skip
 
 
 class Gemma3TextModel(nn.Module):
@@ -124,11 +162,12 @@ class Gemma3TextModel(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # inputs_embeds: [T, hidden] -> final-normed hidden states [T, hidden]
-        x = inputs_embeds
         rotary = {kind: Rotary(ctx.positions, inv_freq) for kind, inv_freq in self.inv_freq.items()}
-        for layer in self.layers:
-            x = layer(x, rotary[layer.layer_type], ctx)
-        return self.norm(x)
+        norms = [*(layer.input_layernorm for layer in self.layers), self.norm]
+        residual, normed = inputs_embeds, norms[0](inputs_embeds)
+        for layer, next_norm in zip(self.layers, norms[1:], strict=True):
+            residual, normed = layer(residual, normed, rotary[layer.layer_type], ctx, next_norm)
+        return normed
 
 
 class Gemma3Model(nn.Module):
@@ -147,6 +186,15 @@ class Gemma3Model(nn.Module):
             )
         if not config.text.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+
+    def fuse_projections(self) -> None:
+        """Merge q/k/v and gate/up (and the vision tower's q/k/v) into single GEMMs: done once
+        after loading, since checkpoints and the loader keep the projections apart."""
+        for layer in self.language_model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+        if self.vision_tower is not None:
+            self.vision_tower.fuse_projections()
 
     @torch.inference_mode()
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ class ModelRunner:
         connector: ECConnector | None = None,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
+        model.fuse_projections()  # one GEMM for q/k/v and one for gate/up
         self.model = model
         self.device = model.language_model.embed_tokens.weight.device
         self.block_size = block_size

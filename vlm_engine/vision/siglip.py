@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_engine.config import VisionConfig
+from vlm_engine.models.fusion import fuse_linears
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -18,9 +19,17 @@ class SiglipVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.patches_per_side**2, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: [N, 3, H, W] -> [N, num_patches, hidden], patches in row-major order
-        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        return patches + self.position_embedding.weight[None]
+        # pixel_values: [N, 3, H, W] -> [N, num_patches, hidden], patches in row-major order.
+        # The stride-p convolution is a GEMM over the flattened non-overlapping patches; it also
+        # leaves the result contiguous (a transposed conv output would make every later add and
+        # LayerNorm copy or stride through memory).
+        conv = self.patch_embedding
+        batch, channels, height, width = pixel_values.shape
+        p = conv.kernel_size[0]
+        patches = pixel_values.reshape(batch, channels, height // p, p, width // p, p)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * p * p)
+        embeds = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+        return embeds + self.position_embedding.weight[None]
 
 
 class SiglipAttention(nn.Module):
@@ -33,18 +42,27 @@ class SiglipAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, hidden)
         self.v_proj = nn.Linear(hidden, hidden)
         self.out_proj = nn.Linear(hidden, hidden)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, P, hidden]; every patch sees every patch of its own image.
         batch, num_patches, hidden = x.shape
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # -> [N, heads, P, head_dim]
             return t.view(batch, num_patches, self.num_heads, self.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(
-            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        )
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
         return self.out_proj(out.transpose(1, 2).reshape(batch, num_patches, hidden))
+
+    def fuse_projections(self) -> None:
+        if self.qkv_proj is not None:
+            return
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.q_proj = self.k_proj = self.v_proj = None
 
 
 class SiglipMLP(nn.Module):
@@ -54,6 +72,12 @@ class SiglipMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # the bias and tanh-GELU run in the GEMM's epilogue (cuBLASLt)
+            h = torch._addmm_activation(
+                self.fc1.bias, x.flatten(0, -2), self.fc1.weight.t(), use_gelu=True
+            )
+            return self.fc2(h.view(*x.shape[:-1], -1))
+        # (on the CPU, _addmm_activation's GELU is the erf form, not the tanh one)
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -93,3 +117,7 @@ class SiglipVisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [N, 3, H, W] -> last hidden state [N, num_patches, hidden]
         return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
+
+    def fuse_projections(self) -> None:
+        for layer in self.encoder.layers:
+            layer.self_attn.fuse_projections()

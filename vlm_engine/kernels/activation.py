@@ -1,0 +1,21 @@
+"""Gemma's gated MLP activation, `gelu_tanh(gate) * up`, over a fused gate/up projection."""
+
+import torch
+import torch.nn.functional as F
+
+from vlm_engine.kernels.triton_attention import triton_available
+
+
+def gelu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    # gate_up: [T, 2 * I] (gate columns first) -> [T, I]; gelu rounds to the activation dtype
+    # before the product, as the unfused modules do.
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.is_cuda and triton_available(gate_up.device) and gate_up.dim() == 2:
+        from vlm_engine.kernels.triton_activation import gelu_and_mul as gelu_and_mul_triton
+
+        return gelu_and_mul_triton(gate_up)
+    return gelu_and_mul_ref(gate_up)

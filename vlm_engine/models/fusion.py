@@ -1,0 +1,29 @@
+"""Several Linear layers over the same input merged into one, so a step runs one GEMM for them.
+
+Checkpoints store q/k/v (and gate/up) separately and the loader keeps those names; after loading,
+`fuse_linears` concatenates their weights along the output dimension. A decode step at batch 1
+reads every weight once per token whatever the split, but each GEMM launch has a fixed cost that
+small projections (k and v are a few MB) cannot hide.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the outputs of `linears` side by side (in the given order)."""
+    first = linears[0]
+    if any(lin.in_features != first.in_features for lin in linears):
+        raise ValueError("only Linear layers over the same input can be fused")
+    if any((lin.bias is None) != (first.bias is None) for lin in linears):
+        raise ValueError("fused Linear layers must all have a bias or all have none")
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
+    fused = nn.Linear(
+        first.in_features, weight.shape[0], bias=first.bias is not None, device="meta"
+    )
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), False)
+    return fused
