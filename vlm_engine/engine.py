@@ -6,6 +6,10 @@
 
 `generate` returns outputs in input order; `stream` yields incremental outputs as they come;
 `add_request` / `step` / `has_unfinished` / `abort_request` are the loop underneath.
+
+Bad input (`vlm_engine.errors.InvalidInputError`, a `ValueError`) is rejected for its request
+alone, before anything reaches the scheduler; the engine goes on serving. `generate` and `stream`
+raise it by default, or with `on_error="return"` hand back that request's output carrying it.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import AutoTokenizer
@@ -25,6 +29,7 @@ from vlm_engine.config import ModelConfig
 from vlm_engine.core.engine_core import EngineCore
 from vlm_engine.core.request import RequestStatus
 from vlm_engine.engine_config import EngineConfig
+from vlm_engine.errors import InputTypeError, InvalidInputError, RequestIdInUseError
 from vlm_engine.frontend.input_processor import InputProcessor, Prompt
 from vlm_engine.frontend.output_processor import OutputProcessor
 from vlm_engine.models.loader import load_model
@@ -35,6 +40,8 @@ from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcess
 
 logger = logging.getLogger("vlm_engine")
 _DEFAULT_MAX_MODEL_LEN = 8192
+OnError = Literal["raise", "return"]
+_ON_ERROR = ("raise", "return")
 
 
 class Engine:
@@ -86,6 +93,7 @@ class Engine:
         self._ids = itertools.count()
         self._counters = {
             "requests": 0,
+            "rejected": 0,
             "finished": 0,
             "aborted": 0,
             "prompt_tokens": 0,
@@ -103,17 +111,20 @@ class Engine:
         cache_salt: str | None = None,
         stream: bool = False,
     ) -> str:
-        """Queue a request; bad input raises a `ValueError` subclass and queues nothing."""
-        params = sampling_params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.output_processor.states:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        # The request's clock starts before its images are loaded and preprocessed.
-        request, text = self.input_processor.process(
-            request_id, prompt, params, priority, cache_salt, arrival_time=time.monotonic()
-        )
+        """Queue a request and return its id. Bad input raises an `InvalidInputError` subclass
+        (a `ValueError`) whose message names the request and the problem, and queues nothing."""
+        params = SamplingParams() if sampling_params is None else sampling_params
+        request_id = f"req-{next(self._ids)}" if request_id is None else request_id
+        arrival_time = time.monotonic()  # the clock starts before images are loaded
+        try:
+            self._check_request_id(request_id)
+            request, text = self.input_processor.process(
+                request_id, prompt, params, priority, cache_salt, arrival_time
+            )
+        except InvalidInputError as e:
+            self._counters["rejected"] += 1
+            e.add_context(f"request {request_id!r}")
+            raise
         self.output_processor.add_request(
             request_id, text, params, request.num_prompt_tokens, request.arrival_time, stream
         )
@@ -121,6 +132,12 @@ class Engine:
         self._counters["requests"] += 1
         self._counters["prompt_tokens"] += request.num_prompt_tokens
         return request_id
+
+    def _check_request_id(self, request_id: str) -> None:
+        if not isinstance(request_id, str):
+            raise InputTypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        if request_id in self.output_processor.states:
+            raise RequestIdInUseError("request_id is already in use by an unfinished request")
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; outputs of the requests that advanced."""
@@ -148,9 +165,16 @@ class Engine:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        on_error: OnError = "raise",
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in input order."""
-        ids = self._add_all(prompts, sampling_params, stream=False)
+        """Run every prompt to completion; outputs in input order.
+
+        Every prompt is checked before any runs. A bad one (an `InvalidInputError`) is raised
+        with `on_error="raise"`, and nothing runs; with `on_error="return"` its output carries
+        the error (`error` set, `finish_reason="error"`, no text) and the others run as usual.
+        """
+        entries = self._add_all(prompts, sampling_params, stream=False, on_error=on_error)
+        ids = [e for e in entries if isinstance(e, str)]
         done: dict[str, RequestOutput] = {}
         progress = _progress_bar(len(ids)) if use_tqdm else None
         try:
@@ -163,17 +187,21 @@ class Engine:
             if progress is not None:
                 progress.close()
             self._abort_unfinished(ids)  # after an error or interrupt, nothing stays queued
-        return [done[i] for i in ids]
+        return [done[e] if isinstance(e, str) else e for e in entries]
 
     def stream(
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_error: OnError = "raise",
     ) -> Iterator[RequestOutput]:
         """Yield what is new for each request after each step (`request_id` tells them apart).
-        Closing the iterator early aborts the requests it started."""
-        ids = self._add_all(prompts, sampling_params, stream=True)
+        Closing the iterator early aborts the requests it started. Bad prompts are handled as
+        in `generate`: with `on_error="return"`, their error outputs come first."""
+        entries = self._add_all(prompts, sampling_params, stream=True, on_error=on_error)
+        ids = [e for e in entries if isinstance(e, str)]
         try:
+            yield from (e for e in entries if isinstance(e, RequestOutput))
             yield from self._run(ids)
         finally:
             self._abort_unfinished(ids)
@@ -183,22 +211,38 @@ class Engine:
         if unfinished:
             self.abort_request(unfinished)
 
-    def _add_all(self, prompts, sampling_params, stream: bool) -> list[str]:
-        if isinstance(prompts, (str, Mapping)):
-            prompts = [prompts]
+    def _add_all(
+        self, prompts, sampling_params, stream: bool, on_error: OnError
+    ) -> list[str | RequestOutput]:
+        """Queue each prompt: its request id, or (on_error="return") its error output."""
+        if on_error not in _ON_ERROR:
+            raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
+        prompts = _as_list(prompts)
         params = sampling_params
-        if params is None or isinstance(params, SamplingParams):
+        if not isinstance(params, list | tuple):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
-        ids: list[str] = []
+        entries: list[str | RequestOutput] = []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
-                ids.append(self.add_request(prompt, p, stream=stream))
+            for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+                entries.append(self._add_one(index, prompt, p, stream, on_error))
         except BaseException:
-            self.abort_request(ids)  # nothing of a rejected batch stays queued
+            self.abort_request([e for e in entries if isinstance(e, str)])  # nothing stays queued
             raise
-        return ids
+        return entries
+
+    def _add_one(
+        self, index: int, prompt: Prompt, params: Any, stream: bool, on_error: OnError
+    ) -> str | RequestOutput:
+        request_id = f"req-{next(self._ids)}"
+        try:
+            return self.add_request(prompt, params, request_id=request_id, stream=stream)
+        except InvalidInputError as e:
+            e.add_context(f"prompts[{index}]")
+            if on_error == "raise":
+                raise
+            return RequestOutput.from_error(request_id, e)
 
     def _run(self, ids: list[str]) -> Iterator[RequestOutput]:
         pending = set(ids)
@@ -287,6 +331,13 @@ class Engine:
                 capacity,
             )
         return min(wanted, capacity)
+
+
+def _as_list(prompts: Prompt | Iterable[Prompt]) -> list[Any]:
+    """One prompt (a str, a dict, or anything that is not a collection) or many."""
+    if isinstance(prompts, str | bytes | Mapping) or not isinstance(prompts, Iterable):
+        return [prompts]
+    return list(prompts)
 
 
 def _progress_bar(total: int):

@@ -26,6 +26,7 @@ class EngineConfig:
     processor_cache_bytes: int = 512 * 2**20  # preprocessed pixels kept in memory; 0 disables
     ec_connector: str | None = None  # "disk:/path[?size_gb=N]" or "redis://host:port/db"
     max_image_pixels: int | None = 64 * 2**20  # larger images are rejected (decompression bombs)
+    max_images_per_prompt: int | None = None  # more images are rejected; None: max_model_len bounds
     scheduling_policy: str = "fcfs"  # or "priority" (lower value first)
     seed: int | None = None  # seeds unseeded sampling; None: fresh entropy
     processor_options: dict[str, Any] = field(default_factory=dict)  # e.g. do_pan_and_scan
@@ -39,12 +40,18 @@ class EngineConfig:
             "encoder_compute_budget",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if _not_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("max_model_len", "num_kv_blocks"):
+        optional_limits = (
+            ("max_model_len", 2),
+            ("num_kv_blocks", 2),
+            ("max_image_pixels", 1),
+            ("max_images_per_prompt", 0),
+        )
+        for name, low in optional_limits:
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 2):
-                raise ValueError(f"{name} must be an int >= 2 or None, got {value!r}")
+            if value is not None and (_not_int(value) or value < low):
+                raise ValueError(f"{name} must be an int >= {low} or None, got {value!r}")
         if not isinstance(self.processor_cache_bytes, int) or self.processor_cache_bytes < 0:
             raise ValueError(
                 f"processor_cache_bytes must be an int >= 0, got {self.processor_cache_bytes!r}"
@@ -75,3 +82,7 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown Engine options {unknown}; valid options: {sorted(known)}")
         return cls(**options)
+
+
+def _not_int(value: object) -> bool:
+    return not isinstance(value, int) or isinstance(value, bool)

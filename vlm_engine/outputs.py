@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -57,8 +58,24 @@ class RequestOutput:
     metrics: RequestMetrics
     logprobs: list[list[Logprob]] | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    error: Exception | None = None
+    error: Exception | None = None  # why the request was rejected (an InvalidInputError)
     prompt: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_error(cls, request_id: str, error: Exception) -> RequestOutput:
+        """The output of a request rejected before it ran: no text, `finish_reason="error"`."""
+        now = time.monotonic()
+        return cls(
+            request_id=request_id,
+            text="",
+            token_ids=[],
+            finished=True,
+            finish_reason="error",
+            num_prompt_tokens=0,
+            num_cached_tokens=0,
+            metrics=RequestMetrics(arrival_time=now, finished_time=now),
+            error=error,
+        )
 
     @property
     def time_to_first_token(self) -> float | None:

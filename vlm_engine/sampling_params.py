@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vlm_engine.errors import InvalidSamplingParamsError, SamplingParamsTypeError
+
 MAX_NUM_LOGPROBS = 20
 # The seed range torch.Generator.manual_seed accepts (negative seeds wrap to unsigned).
 _SEED_RANGE = (-(2**63), 2**64)
@@ -14,8 +16,10 @@ _SEED_RANGE = (-(2**63), 2**64)
 class SamplingParams:
     """Sampling settings of one request, validated once at construction.
 
-    Every invalid value raises ``ValueError`` whose message starts with the field name;
-    unknown keyword arguments raise ``TypeError``. ``stop`` accepts a string or a list of
+    Every invalid value raises ``InvalidSamplingParamsError`` (a ``ValueError``) whose message
+    starts with the field name, a value of the wrong type its subclass
+    ``SamplingParamsTypeError`` (also a ``TypeError``); unknown keyword arguments raise
+    ``TypeError``. ``stop`` accepts a string or a list of
     strings and ``stop_token_ids`` a list of ints; both are stored as tuples, so the object is
     hashable. ``top_k`` of 0 or -1 disables top-k; ``temperature`` of 0 means greedy.
     """
@@ -44,7 +48,7 @@ class SamplingParams:
         self._validate_penalties()
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(_expected(name, "a bool", getattr(self, name)))
+                raise SamplingParamsTypeError(_expected(name, "a bool", getattr(self, name)))
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_NUM_LOGPROBS)
 
@@ -55,8 +59,10 @@ class SamplingParams:
     def _normalize_stops(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple("stop", self.stop)
         for s in stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(_expected("stop", "non-empty strings", s))
+            if not isinstance(s, str):
+                raise SamplingParamsTypeError(_expected("stop", "strings", s))
+            if not s:
+                raise InvalidSamplingParamsError(_expected("stop", "non-empty strings", s))
         stop_token_ids = _as_tuple("stop_token_ids", self.stop_token_ids)
         for token_id in stop_token_ids:
             _check_int("stop_token_ids", token_id, 0, None)
@@ -67,42 +73,50 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, 1, None)
         _check_int("min_tokens", self.min_tokens, 0, None)
         if self.min_tokens > self.max_tokens:
-            raise ValueError(
+            raise InvalidSamplingParamsError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
             )
 
     def _validate_sampling(self) -> None:
         self._set_float("temperature")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidSamplingParamsError(f"temperature must be >= 0, got {self.temperature}")
         _check_int("top_k", self.top_k, -1, None)
         self._set_float("top_p")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidSamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
         self._set_float("min_p")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidSamplingParamsError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
             low, high = _SEED_RANGE
-            if not _is_int(self.seed) or not low <= self.seed < high:
-                raise ValueError(_expected("seed", "an int in [-2**63, 2**64) or None", self.seed))
+            if not _is_int(self.seed):
+                raise SamplingParamsTypeError(_expected("seed", "an int or None", self.seed))
+            if not low <= self.seed < high:
+                raise InvalidSamplingParamsError(
+                    _expected("seed", "an int in [-2**63, 2**64) or None", self.seed)
+                )
 
     def _validate_penalties(self) -> None:
         self._set_float("repetition_penalty")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidSamplingParamsError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             self._set_float(name)
             if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise InvalidSamplingParamsError(
+                    f"{name} must be in [-2, 2], got {getattr(self, name)}"
+                )
 
     def _set_float(self, name: str) -> None:
         """Store a finite int or float field as a float (so `temperature=0` reads back as 0.0)."""
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(_expected(name, "a number", value))
+            raise SamplingParamsTypeError(_expected(name, "a number", value))
         if not math.isfinite(value):
-            raise ValueError(_expected(name, "finite", value))
+            raise InvalidSamplingParamsError(_expected(name, "finite", value))
         object.__setattr__(self, name, float(value))
 
 
@@ -112,11 +126,11 @@ def _is_int(value: object) -> bool:
 
 def _check_int(name: str, value: object, low: int, high: int | None) -> None:
     if not _is_int(value):
-        raise ValueError(_expected(name, "an int", value))
+        raise SamplingParamsTypeError(_expected(name, "an int", value))
     if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+        raise InvalidSamplingParamsError(f"{name} must be >= {low}, got {value}")
     if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
+        raise InvalidSamplingParamsError(f"{name} must be <= {high}, got {value}")
 
 
 def _as_tuple(name: str, values: object) -> tuple:
@@ -124,7 +138,7 @@ def _as_tuple(name: str, values: object) -> tuple:
     if values is None:
         return ()
     if not isinstance(values, list | tuple):
-        raise ValueError(_expected(name, "a list", values))
+        raise SamplingParamsTypeError(_expected(name, "a list", values))
     return tuple(values)
 
 

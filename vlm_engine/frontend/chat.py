@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from vlm_engine.errors import InvalidPromptError
+from vlm_engine.errors import EmptyPromptError, MalformedPromptError, PromptTypeError
 
 ROLES = ("system", "user", "assistant", "model")
 _IMAGE_KEYS = ("image", "url", "path")
@@ -26,14 +26,19 @@ def split_messages(
 ) -> tuple[list[dict[str, Any]], list[Any], list[str | None]]:
     """Validate messages; return template-ready messages, the image sources in order, and the
     caller's id for each image (an item's optional "uuid"), None where it gave none."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise InvalidPromptError("messages must be a non-empty list of {'role', 'content'} dicts")
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise PromptTypeError(
+            "messages must be a non-empty list of {'role', 'content'} dicts, "
+            f"got {type(messages).__name__}"
+        )
+    if not messages:
+        raise EmptyPromptError("messages must be a non-empty list of {'role', 'content'} dicts")
     rendered, images, uuids = [], [], []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise InvalidPromptError(f"messages[{i}] must be a dict with 'role' and 'content'")
+            raise PromptTypeError(f"messages[{i}] must be a dict with 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise InvalidPromptError(f"messages[{i}]: unknown role {message['role']!r} ({ROLES})")
+            raise MalformedPromptError(f"messages[{i}]: unknown role {message['role']!r} ({ROLES})")
         content = message["content"]
         if isinstance(content, str):
             rendered.append({"role": message["role"], "content": content})
@@ -51,38 +56,41 @@ def render_chat(
 ) -> str:
     """Apply the chat template shipped with the checkpoint's tokenizer."""
     if not getattr(tokenizer, "chat_template", None):
-        raise InvalidPromptError("this checkpoint ships no chat template: pass a plain prompt")
+        raise MalformedPromptError("this checkpoint ships no chat template: pass a plain prompt")
     try:
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as e:  # jinja raise_exception, e.g. roles that do not alternate
-        raise InvalidPromptError(f"chat template rejected the messages: {e}") from e
+        raise MalformedPromptError(f"chat template rejected the messages: {e}") from e
 
 
 def _content_list(content: Any, index: int) -> Sequence[Any]:
     if isinstance(content, Sequence) and not isinstance(content, (str, bytes)):
         return content
-    raise InvalidPromptError(f"messages[{index}].content must be a string or a list of items")
+    raise PromptTypeError(
+        f"messages[{index}].content must be a string or a list of items, "
+        f"got {type(content).__name__}"
+    )
 
 
 def _split_item(
     item: Any, where: str, images: list[Any], uuids: list[str | None]
 ) -> dict[str, Any]:
     if not isinstance(item, dict) or "type" not in item:
-        raise InvalidPromptError(f"{where} must be a dict with a 'type'")
+        raise PromptTypeError(f"{where} must be a dict with a 'type'")
     if item["type"] == "text":
         if not isinstance(item.get("text"), str):
-            raise InvalidPromptError(f"{where}: a text item needs a string 'text'")
+            raise PromptTypeError(f"{where}: a text item needs a string 'text'")
         return {"type": "text", "text": item["text"]}
     if item["type"] == "image":
         source = next((item[k] for k in _IMAGE_KEYS if item.get(k) is not None), None)
         if source is None:
-            raise InvalidPromptError(f"{where}: an image item needs one of {_IMAGE_KEYS}")
+            raise MalformedPromptError(f"{where}: an image item needs one of {_IMAGE_KEYS}")
         uuid = item.get("uuid")
         if uuid is not None and not isinstance(uuid, str):
-            raise InvalidPromptError(f"{where}: an image 'uuid' must be a string")
+            raise PromptTypeError(f"{where}: an image 'uuid' must be a string")
         images.append(source)
         uuids.append(uuid)
         return {"type": "image"}
-    raise InvalidPromptError(f"{where}: unsupported item type {item['type']!r} ('text', 'image')")
+    raise MalformedPromptError(f"{where}: unsupported item type {item['type']!r} ('text', 'image')")

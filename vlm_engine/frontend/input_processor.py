@@ -9,6 +9,11 @@ A prompt is one of:
   may carry a "uuid").
 Images are PIL images, paths or bytes. Each image gets its mm_hash first; preprocessed pixels come
 from the processor cache when that image was seen before.
+
+Bad input raises an `InvalidInputError` subclass (`vlm_engine.errors`) and builds nothing.
+What the prompt alone shows (types, an empty prompt, image counts and placeholders, sampling
+values this model cannot take) is checked before any image is loaded; image errors name the
+image's index and source.
 """
 
 from __future__ import annotations
@@ -21,7 +26,18 @@ from vlm_engine.caches.processor_cache import ProcessorCache
 from vlm_engine.config import ModelConfig
 from vlm_engine.core.request import MultiModalFeature, Request
 from vlm_engine.engine_config import EngineConfig
-from vlm_engine.errors import InvalidInputError, InvalidPromptError
+from vlm_engine.errors import (
+    EmptyPromptError,
+    ImageTooLargeError,
+    InputTypeError,
+    InvalidInputError,
+    InvalidSamplingParamsError,
+    MalformedPromptError,
+    PromptTooLongError,
+    PromptTypeError,
+    SamplingParamsTypeError,
+    TooManyImagesError,
+)
 from vlm_engine.frontend.chat import render_chat, split_messages
 from vlm_engine.frontend.prompt import PromptBuilder, PromptInputs
 from vlm_engine.sampling_params import SamplingParams
@@ -30,7 +46,8 @@ from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ProcessedIma
 from vlm_engine.vision.mm_hash import ImageHasher
 
 Prompt = str | Mapping[str, Any]
-_PROMPT_KEYS = {"prompt", "images", "image_uuids"}
+_PROMPT_KEYS = frozenset(("prompt", "images", "image_uuids"))
+_SINGLE_IMAGE_TYPES = (str, bytes, bytearray, memoryview)  # sequences that are one image
 
 
 class InputProcessor:
@@ -68,12 +85,12 @@ class InputProcessor:
     ) -> tuple[Request, str]:
         """The request, and the prompt text (for the caller's output)."""
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self._check_request_args(params, priority, cache_salt)
         text, images, uuids, add_bos = self._text_and_images(prompt)
-        if images and self.hasher is None:
-            raise InvalidPromptError("this checkpoint is text-only: it cannot take images")
-        hashed = [
-            self._process_image(image, uuid) for image, uuid in zip(images, uuids, strict=True)
-        ]
+        if not images and not text.strip():
+            raise EmptyPromptError(f"empty prompt {text!r}: it has neither text nor images")
+        self._check_num_images(text, len(images))
+        hashed = self._process_images(images, uuids)
         inputs = self.prompt_builder.build(text, [p.num_crops for _, p in hashed], add_bos)
         self._check_lengths(inputs)
         features = [
@@ -98,6 +115,75 @@ class InputProcessor:
         if self.hasher is not None:
             self.hasher.clear()
 
+    def _check_request_args(
+        self, params: SamplingParams, priority: int, cache_salt: str | None
+    ) -> None:
+        if not isinstance(params, SamplingParams):
+            raise SamplingParamsTypeError(
+                f"sampling_params must be a SamplingParams, got {type(params).__name__}"
+            )
+        vocab_size = self.config.text.vocab_size
+        outside = [t for t in params.stop_token_ids if t >= vocab_size]
+        if outside:
+            raise InvalidSamplingParamsError(
+                f"stop_token_ids {outside} are outside the model's vocabulary "
+                f"(vocab_size={vocab_size})"
+            )
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InputTypeError(f"priority must be an int, got {priority!r}")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise InputTypeError(f"cache_salt must be a str or None, got {cache_salt!r}")
+
+    def _text_and_images(self, prompt: Prompt) -> tuple[str, list[Any], list[str | None], bool]:
+        if isinstance(prompt, str):
+            return prompt, [], [], True
+        if not isinstance(prompt, Mapping):
+            raise PromptTypeError(
+                "a prompt is a str, {'prompt', 'images'} or {'messages'}; "
+                f"got {type(prompt).__name__}"
+            )
+        if "messages" in prompt:
+            if set(prompt) != {"messages"}:
+                raise PromptTypeError(
+                    f"a chat prompt holds only 'messages', got keys {sorted(map(str, prompt))}"
+                )
+            rendered, images, uuids = split_messages(prompt["messages"])
+            return render_chat(self.tokenizer, rendered), images, uuids, False
+        if not _PROMPT_KEYS.issuperset(prompt) or "prompt" not in prompt:
+            raise PromptTypeError(
+                f"a prompt dict takes 'prompt' (required), 'images' and 'image_uuids'; "
+                f"got keys {sorted(map(str, prompt))}"
+            )
+        text = prompt["prompt"]
+        if not isinstance(text, str):
+            raise PromptTypeError(f"'prompt' must be a str, got {type(text).__name__}")
+        images = _image_list(prompt.get("images"))
+        uuids = _uuid_list(prompt.get("image_uuids"), len(images))
+        boi = self.prompt_builder.boi_text if self.config.image_tokens else None
+        if images and boi and boi not in text:
+            text = boi * len(images) + text
+        return text, images, uuids, True
+
+    def _check_num_images(self, text: str, num_images: int) -> None:
+        """Image count against the limit and the placeholders, before any image is loaded."""
+        limit = 0 if self.hasher is None else self.limits.max_images_per_prompt
+        if limit is not None and num_images > limit:
+            why = "this checkpoint is text-only" if self.hasher is None else "max_images_per_prompt"
+            raise TooManyImagesError(f"prompt has {num_images} images, more than {limit} ({why})")
+        self.prompt_builder.check_images(text, num_images)
+
+    def _process_images(
+        self, images: Sequence[Any], uuids: Sequence[str | None]
+    ) -> list[tuple[str, ProcessedImage]]:
+        processed = []
+        for index, (source, uuid) in enumerate(zip(images, uuids, strict=True)):
+            try:
+                processed.append(self._process_image(source, uuid))
+            except InvalidInputError as e:
+                e.add_context(f"image {index}")
+                raise
+        return processed
+
     def _process_image(self, source: Any, image_uuid: str | None) -> tuple[str, ProcessedImage]:
         mm_hash, image = self.hasher.identify(source, image_uuid)
         processed = self.processor_cache.get(mm_hash)
@@ -109,53 +195,46 @@ class InputProcessor:
             self.processor_cache.put(mm_hash, processed)
         return mm_hash, processed
 
-    def _text_and_images(self, prompt: Prompt) -> tuple[str, Sequence[Any], list, bool]:
-        if isinstance(prompt, str):
-            return prompt, (), [], True
-        if not isinstance(prompt, Mapping):
-            raise InvalidPromptError(
-                f"a prompt is a str, {{'prompt', 'images'}} or {{'messages'}}; got {type(prompt).__name__}"
-            )
-        if "messages" in prompt:
-            if set(prompt) != {"messages"}:
-                raise InvalidPromptError("a chat prompt holds only 'messages'")
-            rendered, images, uuids = split_messages(prompt["messages"])
-            return render_chat(self.tokenizer, rendered), images, uuids, False
-        unknown = set(prompt) - _PROMPT_KEYS
-        if unknown or "prompt" not in prompt:
-            raise InvalidPromptError(
-                f"prompt dict needs 'prompt' (and optional 'images'); unknown keys {sorted(unknown)}"
-            )
-        text, images = prompt["prompt"], prompt.get("images") or ()
-        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        uuids = list(prompt.get("image_uuids") or [None] * len(images))
-        if len(uuids) != len(images) or not all(u is None or isinstance(u, str) for u in uuids):
-            raise InvalidPromptError("image_uuids must be a list of strings, one per image")
-        boi = self.prompt_builder.boi_text if self.config.image_tokens else None
-        if images and isinstance(text, str) and boi and boi not in text:
-            text = boi * len(images) + text
-        return text, images, uuids, True
-
     def _check_lengths(self, inputs: PromptInputs) -> None:
         num_tokens = len(inputs.token_ids)
         if num_tokens >= self.max_model_len:
-            raise InvalidInputError(
-                f"prompt has {num_tokens} tokens; max_model_len {self.max_model_len} leaves no "
-                "room for output"
+            raise PromptTooLongError(
+                f"prompt has {num_tokens} tokens, max_model_len is {self.max_model_len}: "
+                "no room is left for output; shorten the prompt or raise max_model_len"
             )
         limits = self.limits
-        for placeholder in inputs.placeholders:
+        largest = min(limits.encoder_cache_size, limits.encoder_compute_budget)
+        for index, placeholder in enumerate(inputs.placeholders):
             if placeholder.length > limits.max_num_batched_tokens:
-                raise InvalidInputError(
-                    f"an image takes {placeholder.length} tokens, more than "
+                raise ImageTooLargeError(
+                    f"image {index} takes {placeholder.length} tokens, more than "
                     f"max_num_batched_tokens={limits.max_num_batched_tokens}: raise it"
                 )
-            largest = min(limits.encoder_cache_size, limits.encoder_compute_budget)
             if placeholder.num_embeds > largest:
-                raise InvalidInputError(
-                    f"an image has {placeholder.num_embeds} embeddings, more than the encoder "
-                    f"cache can hold or compute in a step (encoder_cache_size="
+                raise ImageTooLargeError(
+                    f"image {index} has {placeholder.num_embeds} embeddings, more than the "
+                    f"encoder cache can hold or compute in a step (encoder_cache_size="
                     f"{limits.encoder_cache_size}, encoder_compute_budget="
                     f"{limits.encoder_compute_budget}): raise them"
                 )
+
+
+def _image_list(images: Any) -> list[Any]:
+    """A prompt's "images": None, one image, or a list of them."""
+    if images is None:
+        return []
+    if isinstance(images, _SINGLE_IMAGE_TYPES) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)
+
+
+def _uuid_list(uuids: Any, num_images: int) -> list[str | None]:
+    if uuids is None:
+        return [None] * num_images
+    if not isinstance(uuids, list | tuple) or not all(
+        u is None or isinstance(u, str) for u in uuids
+    ):
+        raise PromptTypeError(f"image_uuids must be a list of str (or None), got {uuids!r}")
+    if len(uuids) != num_images:
+        raise MalformedPromptError(f"{len(uuids)} image_uuids for {num_images} images")
+    return list(uuids)

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlm_engine.config import ImageTokenConfig
-from vlm_engine.errors import InvalidPromptError
+from vlm_engine.errors import (
+    ImagePlaceholderError,
+    MalformedPromptError,
+    PromptTypeError,
+    TooManyImagesError,
+)
 from vlm_engine.runtime.forward_context import ImageGroup
 
 _CROPS_INTRO = "Here is the original image "
@@ -74,7 +79,7 @@ class PromptBuilder:
     def build(self, text: str, num_crops: Sequence[int] = (), add_bos: bool = True) -> PromptInputs:
         """Token ids of `text`, whose `<start_of_image>` markers take the images in order."""
         if not isinstance(text, str):
-            raise InvalidPromptError(f"prompt must be a str, got {type(text).__name__}")
+            raise PromptTypeError(f"prompt must be a str, got {type(text).__name__}")
         segments = self._split_at_images(text, len(num_crops))
         if add_bos and not text.startswith(self.bos_token):
             segments[0] = self.bos_token + segments[0]
@@ -94,24 +99,31 @@ class PromptBuilder:
             token_ids += self.group_ids
         return PromptInputs(token_ids, [ImagePlaceholder(tuple(g)) for g in groups_per_image])
 
-    def _split_at_images(self, text: str, num_images: int) -> list[str]:
+    def check_images(self, text: str, num_images: int) -> None:
+        """Raise unless `text` marks each of `num_images` images with one `<start_of_image>` and
+        holds no other image token (a text-only checkpoint takes no images)."""
         if self.image_tokens is None:
             if num_images:
-                raise InvalidPromptError("this checkpoint is text-only: it cannot take images")
-            return [text]
+                raise TooManyImagesError(
+                    f"this checkpoint is text-only: it takes no images, got {num_images}"
+                )
+            return
         for reserved in self.reserved_texts:
             if reserved in text:
-                raise InvalidPromptError(
+                raise MalformedPromptError(
                     f"prompt contains the reserved token {reserved!r}; "
                     f"mark each image with {self.boi_text!r} instead"
                 )
-        segments = text.split(self.boi_text)
-        if len(segments) - 1 != num_images:
-            raise InvalidPromptError(
-                f"prompt has {len(segments) - 1} {self.boi_text!r} "
+        num_placeholders = text.count(self.boi_text)
+        if num_placeholders != num_images:
+            raise ImagePlaceholderError(
+                f"prompt has {num_placeholders} {self.boi_text!r} "
                 f"placeholders for {num_images} images"
             )
-        return segments
+
+    def _split_at_images(self, text: str, num_images: int) -> list[str]:
+        self.check_images(text, num_images)
+        return [text] if self.image_tokens is None else text.split(self.boi_text)
 
     @staticmethod
     def _interleave(segments: list[str], num_crops: Sequence[int]) -> list[str | int]:

@@ -20,8 +20,13 @@ from dataclasses import asdict
 from blake3 import blake3
 from PIL import Image
 
-from vlm_engine.errors import InvalidImageError
-from vlm_engine.vision.image_io import ImageSource, load_image
+from vlm_engine.errors import ImageTypeError, InvalidImageError
+from vlm_engine.vision.image_io import (
+    ImageSource,
+    decode_image_bytes,
+    load_image,
+    read_image_file,
+)
 from vlm_engine.vision.image_processor import ImageProcessorConfig
 
 _DOMAIN = b"vlm_engine/image/v2"
@@ -81,8 +86,8 @@ class ImageHasher:
     ``identify`` returns the image alongside the hash whenever it had one in hand (a PIL input,
     or a path/bytes decoded on a memo miss) so the caller need not decode again; ``None`` means
     the caller must ``load_image(source, max_pixels)`` itself if it needs the pixels. Bad images
-    raise ``InvalidImageError``; a failed decode is not remembered. Not thread-safe: use one
-    hasher per thread.
+    raise an ``InvalidImageError`` subclass (see ``load_image``); a failed decode is not
+    remembered. Not thread-safe: use one hasher per thread.
     """
 
     def __init__(
@@ -151,12 +156,7 @@ class ImageHasher:
             self._memo.popitem(last=False)
 
     def _decode(self, data: bytes, origin: str | None) -> Image.Image:
-        try:
-            image = load_image(data, self.max_pixels)
-        except InvalidImageError as e:
-            if origin is None:
-                raise
-            raise InvalidImageError(f"{origin}: {e}") from e
+        image = decode_image_bytes(data, self.max_pixels, origin)
         self.num_decoded += 1
         return image
 
@@ -167,14 +167,8 @@ def _read_encoded(source: object) -> tuple[bytes, str | None]:
         return bytes(source), None
     if isinstance(source, str | os.PathLike):
         path = os.fsdecode(source)
-        try:
-            with open(path, "rb") as f:
-                return f.read(), path
-        except FileNotFoundError:
-            raise InvalidImageError(f"image file not found: {path}") from None
-        except OSError as e:
-            raise InvalidImageError(f"cannot read image file {path}: {e}") from e
-    raise InvalidImageError(
+        return read_image_file(path), path
+    raise ImageTypeError(
         f"unsupported image input type {type(source).__name__}: "
         "expected a PIL image, a file path, or encoded image bytes"
     )
