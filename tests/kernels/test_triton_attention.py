@@ -111,6 +111,30 @@ def test_decode_only(window, group, max_query_len):
     check_against_ref(query, ctx, window, max_query_len=max_query_len)
 
 
+@pytest.mark.parametrize("num_splits", [2, 4, 16])
+@pytest.mark.parametrize("window", [None, 6, 30])
+def test_decode_split_kv(window, num_splits):
+    # Splits of a few tiles, of one, and empty ones (16 splits over at most 4 tiles of 16).
+    seq_lens = [1, 7, 23, 64, 17, 50]
+    query, ctx = make_step([1] * 6, seq_lens, seed=num_splits)
+    check_against_ref(query, ctx, window, max_query_len=1, num_splits=num_splits)
+
+
+def test_decode_split_kv_never_reads_invisible_keys():
+    query, ctx = make_step([1, 1], [60, 45], seed=3)
+    window, poisoned = 10, ctx.kv_caches[0].clone()
+    block_size = poisoned.shape[2]
+    flat = poisoned.view(2, -1, *poisoned.shape[3:])
+    for i, seq_len in enumerate((60, 45)):
+        for key in range(seq_len - window):  # slid out of the window
+            flat[:, int(ctx.block_tables[i, key // block_size]) * block_size + key % block_size] = (
+                float("nan")
+            )
+    out = run_kernel(query, ctx, window, cache=poisoned, max_query_len=1, num_splits=4)
+    expected = attention_ref(query, query, query, ctx, 0, query.shape[-1] ** -0.5, window)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "block_size,head_dim,group", [(4, 16, 2), (16, 64, 1), (16, 16, 4), (4, 64, 4)]
 )
@@ -222,6 +246,8 @@ def test_rejects_inconsistent_inputs():
         run_kernel(query[..., :12], ctx, None, cache=ctx.kv_caches[0][..., :12])
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         run_kernel(query[:, :3], ctx, None)
+    with pytest.raises(ValueError, match="num_splits"):
+        run_kernel(query, ctx, None, num_splits=3)
     ctx.seq_lens = ctx.seq_lens.long()
     with pytest.raises(TypeError, match="seq_lens must be torch.int32"):
         run_kernel(query, ctx, None)
@@ -247,6 +273,20 @@ def test_half_precision_at_model_scale(dtype, tolerance, window):
             half, ctx, window, cache=cache, max_query_len=max_query_len, tile_config=None
         )
         torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not CUDA, reason="the default split count depends on the GPU's SM count")
+@pytest.mark.parametrize("window", [None, 1024])
+def test_decode_default_splits_at_model_scale(window):
+    query, ctx = make_step(
+        [1, 1, 1], [3000, 1500, 9], num_kv_heads=4, group=2, head_dim=256, block_size=16
+    )
+    half, cache = query.to(torch.bfloat16), ctx.kv_caches[0].to(torch.bfloat16)
+    ctx.kv_caches = [cache.float()]
+    expected = attention_ref(half.float(), None, None, ctx, 0, 256**-0.5, window)
+    assert triton_attention.default_num_splits(3, 4, DEVICE) > 1
+    out = run_kernel(half, ctx, window, cache=cache, max_query_len=1, tile_config=None)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")

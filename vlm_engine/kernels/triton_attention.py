@@ -21,9 +21,16 @@ Work decomposition
   between the lowest key any of its rows may see (window bound of its smallest position) and
   the largest kv_limit of its rows; keys outside that range are never read, even inside a
   visited tile (blocks that slid out of a window may hold anything).
+- Split KV for small decode batches: with few sequences the (S, kv_heads) grid leaves most SMs
+  idle while each program walks the whole context. A decode step may then add a third grid axis
+  of NUM_SPLITS programs per (sequence, KV head), each taking an equal share of the tiles to
+  visit, writing its unnormalized output and softmax statistics (running max, sum) to float32
+  scratch; `attention_merge_kernel` then combines the splits. The split count depends only on
+  the batch size and the device, so each CUDA graph captures a fixed one.
 - Online softmax in float32 with exp2 and a log2(e)-scaled scale.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -53,6 +60,9 @@ def paged_attention_kernel(
     positions_ptr,  # [T] int64
     kv_limits_ptr,  # [T] int64
     visited_tiles_ptr,  # [T, num_kv_heads] int32, written only when COUNT_TILES
+    split_acc_ptr,  # [S, num_heads, NUM_SPLITS, HEAD_DIM] float32, used when NUM_SPLITS > 1
+    split_max_ptr,  # [S, num_heads, NUM_SPLITS] float32 (log2 domain)
+    split_sum_ptr,  # [S, num_heads, NUM_SPLITS] float32
     scale_log2e,
     window,
     num_seqs,
@@ -80,6 +90,7 @@ def paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     COUNT_TILES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,  # > 1 only with ONE_QUERY_PER_SEQ
 ):
     kv_head = tl.program_id(1)
     if ONE_QUERY_PER_SEQ:
@@ -123,6 +134,11 @@ def paged_attention_kernel(
     else:
         kv_start = 0
     first_tile = (kv_start // BLOCK_N) * BLOCK_N
+    last_key = kv_end
+    if NUM_SPLITS > 1:  # this program's share of the tiles to visit
+        tiles_per_split = tl.cdiv(tl.cdiv(kv_end - first_tile, BLOCK_N), NUM_SPLITS)
+        first_tile += tl.program_id(2) * tiles_per_split * BLOCK_N
+        last_key = tl.minimum(kv_end, first_tile + tiles_per_split * BLOCK_N)
 
     # A finite floor: a tile a row cannot see gives exp2(-inf - floor) = 0, never NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -131,7 +147,7 @@ def paged_attention_kernel(
     num_visited = kv_end * 0
     table = block_tables_ptr + seq * stride_bt
     cache = kv_cache_ptr + kv_head * stride_chead
-    for tile_key in range(first_tile, kv_end, BLOCK_N):
+    for tile_key in range(first_tile, last_key, BLOCK_N):
         keys = tile_key + tl.arange(0, BLOCK_N)
         needed = (keys >= kv_start) & (keys < kv_end)
         block = tl.load(table + keys // KV_BLOCK_SIZE, mask=needed, other=0).to(tl.int64)
@@ -158,12 +174,65 @@ def paged_attention_kernel(
         if COUNT_TILES:
             num_visited += 1
 
+    if NUM_SPLITS > 1:  # token == seq here; the merge kernel normalizes
+        split_row = (token * (num_kv_heads * GROUP) + head) * NUM_SPLITS + tl.program_id(2)
+        tl.store(split_max_ptr + split_row, m_i, mask=row_valid)
+        tl.store(split_sum_ptr + split_row, l_i, mask=row_valid)
+        acc_offsets = split_row[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(split_acc_ptr + acc_offsets, acc, mask=row_valid[:, None])
+        return
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only masked padding rows see no key
     out = acc / l_i[:, None]
     o_offsets = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od
     tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     if COUNT_TILES:
         tl.store(visited_tiles_ptr + token * num_kv_heads + kv_head, num_visited, mask=row_valid)
+
+
+@_jit
+def attention_merge_kernel(
+    out_ptr,  # [S, num_heads, head_dim]
+    split_acc_ptr,  # [S, num_heads, NUM_SPLITS, HEAD_DIM] float32
+    split_max_ptr,  # [S, num_heads, NUM_SPLITS] float32
+    split_sum_ptr,  # [S, num_heads, NUM_SPLITS] float32
+    num_heads,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    # One program per (sequence, head): rescale each split to the common max and normalize.
+    row = tl.program_id(0).to(tl.int64) * num_heads + tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    split_max = tl.load(split_max_ptr + row * NUM_SPLITS + splits)
+    split_sum = tl.load(split_sum_ptr + row * NUM_SPLITS + splits)
+    acc = tl.load(split_acc_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :])
+    weight = tl.exp2(split_max - tl.max(split_max, axis=0))  # an empty split: max -1e30 -> 0
+    total = tl.sum(split_sum * weight, axis=0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    o_offsets = (
+        tl.program_id(0).to(tl.int64) * stride_ot + tl.program_id(1) * stride_oh + dims * stride_od
+    )
+    tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty))
+
+
+MAX_SPLITS = 16
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """KV splits for a decode step: enough programs for about two per SM, a power of two."""
+    if device.type != "cuda":
+        return 1
+    programs = num_seqs * num_kv_heads
+    wanted = -(-2 * _num_sms(device.index or 0) // programs)
+    return min(MAX_SPLITS, triton.next_power_of_2(wanted)) if wanted > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -224,6 +293,7 @@ def paged_attention(
     *,
     tile_config: TileConfig | None = None,
     visited_tiles: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of a step's query tokens over the paged cache -> [T, num_heads, head_dim].
 
@@ -236,16 +306,27 @@ def paged_attention(
     selects the fixed decode grid (T == S is checked); larger values only shrink the query
     tile, so a wrong one costs speed, not correctness. `tile_config` overrides
     `default_tile_config`; `visited_tiles` ([T, num_kv_heads] int32, for tests) receives how
-    many KV tiles the program of each token read.
+    many KV tiles the program of each token read. `num_splits` (a power of two, decode-only
+    steps) overrides `default_num_splits`.
     """
     _check_inputs(query, kv_cache, block_tables, seq_lens, query_start_loc, positions, kv_limits)
     num_tokens, num_heads, head_dim = query.shape
     num_seqs, num_kv_heads = seq_lens.shape[0], kv_cache.shape[3]
-    _check_options(query, kv_cache, num_seqs, window, max_query_len, visited_tiles)
+    _check_options(query, kv_cache, num_seqs, window, max_query_len, visited_tiles, num_splits)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0:
         return out
     decode_only = max_query_len == 1
+    if not decode_only or visited_tiles is not None:
+        num_splits = 1
+    elif num_splits is None:
+        num_splits = default_num_splits(num_seqs, num_kv_heads, query.device)
+    split_acc = split_max = split_sum = None
+    if num_splits > 1:
+        f32 = dict(dtype=torch.float32, device=query.device)
+        split_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
+        split_max = torch.empty(num_seqs, num_heads, num_splits, **f32)
+        split_sum = torch.empty(num_seqs, num_heads, num_splits, **f32)
     config = tile_config or default_tile_config(head_dim, decode_only)
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
@@ -253,7 +334,7 @@ def paged_attention(
     if max_query_len is not None:
         block_q = min(block_q, triton.next_power_of_2(max_query_len))
     num_programs = num_seqs if decode_only else num_tokens // block_q + num_seqs
-    paged_attention_kernel[(num_programs, num_kv_heads)](
+    paged_attention_kernel[(num_programs, num_kv_heads, num_splits)](
         out,
         query,
         kv_cache,
@@ -263,6 +344,9 @@ def paged_attention(
         positions,
         kv_limits,
         visited_tiles,
+        split_acc,
+        split_max,
+        split_sum,
         scale * math.log2(math.e),
         window or 0,
         num_seqs,
@@ -287,9 +371,15 @@ def paged_attention(
         COUNT_TILES=visited_tiles is not None,
         # fp32 inputs would otherwise go through TF32 on the GPU (~1e-3 error).
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        NUM_SPLITS=num_splits,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if num_splits > 1:
+        attention_merge_kernel[(num_seqs, num_heads)](
+            out, split_acc, split_max, split_sum, num_heads, *out.stride(),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -361,7 +451,10 @@ def _check_options(
     window: int | None,
     max_query_len: int | None,
     visited_tiles: torch.Tensor | None,
+    num_splits: int | None,
 ) -> None:
+    if num_splits is not None and (num_splits < 1 or num_splits & (num_splits - 1)):
+        raise ValueError(f"num_splits must be a power of two >= 1, got {num_splits}")
     if window is not None and window < 1:
         raise ValueError(f"window must be None or >= 1, got {window}")
     if max_query_len is not None and max_query_len < 1:
