@@ -47,8 +47,9 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config, self.kv_manager, max_model_len)
         self.runner = ModelRunner(
-            model, num_blocks, config.block_size, config.seed, connector, normalize
-        )
+            model, num_blocks, config.block_size, config.seed, config.max_num_seqs,
+            max_model_len, connector, normalize,
+        )  # fmt: skip
         self.num_steps = 0
         self.step_seconds = {"schedule": 0.0, "execute": 0.0, "update": 0.0}  # host wall time
         if config.use_cuda_graphs and self.runner.device.type == "cuda":

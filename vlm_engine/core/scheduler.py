@@ -40,6 +40,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     free_encoder_hashes: list[str]
     preempted_ids: list[str]
+    finished_ids: list[str] = field(default_factory=list)  # finished since the previous step
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +60,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.finished_ids: list[str] = []  # reported with the next step, then cleared
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -93,7 +95,8 @@ class Scheduler:
                 i += 1
         if not preempted:
             budget = self._schedule_waiting(chunks, budget)
-        return SchedulerOutput(chunks, self.encoder_cache.take_freed(), preempted)
+        finished, self.finished_ids = self.finished_ids, []
+        return SchedulerOutput(chunks, self.encoder_cache.take_freed(), preempted, finished)
 
     def _schedule_waiting(self, chunks: list[ScheduledChunk], budget: int) -> int:
         if self.config.scheduling_policy == "priority":
@@ -226,6 +229,7 @@ class Scheduler:
         self.kv.free(request)
         self.encoder_cache.release_all(request)
         self.requests.pop(request.request_id, None)
+        self.finished_ids.append(request.request_id)
 
     def stats(self) -> dict[str, object]:
         return {

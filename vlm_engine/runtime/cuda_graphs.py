@@ -83,14 +83,15 @@ class CudaGraphRunner:
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
     ) -> torch.Tensor:
-        """One decode token per sequence -> logits [num_seqs, vocab] (a view: copy to keep)."""
+        """One decode token per sequence -> logits [num_seqs, vocab] (a view: copy to keep).
+        Inputs may be on the device or in pinned host memory (copied asynchronously)."""
         n = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
-        self.kv_limits[:n].copy_(positions + 1, non_blocking=True)
         self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
         self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        self.kv_limits[:n].copy_(self.seq_lens[:n])  # a decode token sees keys < its seq_len
         self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         if size > n:  # padding rows: no KV write, a one-token context at slot 0
             self.slot_mapping[n:size].fill_(-1)

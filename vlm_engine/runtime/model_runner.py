@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vlm_engine.caches.ec_connector import ECConnector
@@ -17,6 +18,7 @@ from vlm_engine.runtime.cuda_graphs import CudaGraphRunner
 from vlm_engine.runtime.encoder_runner import EncoderRunner
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.runtime.greedy import allocate_kv_caches
+from vlm_engine.runtime.input_batch import BlockTableRows, DecodeInputs
 from vlm_engine.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 
 
@@ -33,6 +35,8 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         seed: int | None,
+        max_num_seqs: int,
+        max_model_len: int,
         connector: ECConnector | None = None,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
@@ -44,18 +48,25 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.encoder = EncoderRunner(model, connector, normalize)
         self.graphs: CudaGraphRunner | None = None
+        max_blocks = -(-max_model_len // block_size)
+        self.block_rows = BlockTableRows(max_num_seqs, max_blocks, self.device)
+        self.decode_inputs = DecodeInputs(max_num_seqs, max_blocks, block_size, self.device)
         self.prepare_seconds = 0.0  # host time spent building step inputs
         self.vocab_size = model.config.text.vocab_size
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         self.drop_encoder_outputs(step.free_encoder_hashes)
+        self.block_rows.release(itertools.chain(step.finished_ids, step.preempted_ids))
         self.encoder.run(step.chunks)
-        if self._graph_step(step):
-            logits = self._run_graph(step.chunks)
-            return self._sample(logits, [c.request for c in step.chunks])
         start = time.perf_counter()
-        ids, ctx, image_embeds, image_mask = self._prepare_inputs(step.chunks)
+        rows = self.block_rows.rows(step.chunks)
+        if self._graph_step(step):
+            inputs = self.decode_inputs.fill(step.chunks, rows, self.block_rows)
+            self.prepare_seconds += time.perf_counter() - start
+            logits = self.graphs.run(*inputs)
+            return self._sample(logits, [c.request for c in step.chunks])
+        ids, ctx, image_embeds, image_mask = self._prepare_inputs(step.chunks, rows)
         self.prepare_seconds += time.perf_counter() - start
         hidden = self.model(ids, ctx, image_embeds, image_mask)
         sampling = [c for c in step.chunks if c.samples]
@@ -79,68 +90,54 @@ class ModelRunner:
             self.graphs.fits(len(chunks), max(len(c.block_ids) for c in chunks))
         )
 
-    def _run_graph(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        start = time.perf_counter()
-        width = max(len(c.block_ids) for c in chunks)
-        tables = [c.block_ids + [0] * (width - len(c.block_ids)) for c in chunks]
-        host = dict(dtype=torch.int64, pin_memory=True)
-        ids = torch.tensor([c.request.all_token_ids[c.start] for c in chunks], **host)
-        positions = torch.tensor([c.start for c in chunks], **host)
-        slots = torch.tensor([s for c in chunks for s in self._slots(c)], **host)
-        seq_lens = torch.tensor([c.end for c in chunks], dtype=torch.int32, pin_memory=True)
-        block_tables = torch.tensor(tables, dtype=torch.int32, pin_memory=True)
-        inputs = [
-            t.to(self.device, non_blocking=True)
-            for t in (ids, positions, slots, block_tables, seq_lens)
-        ]
-        self.prepare_seconds += time.perf_counter() - start
-        return self.graphs.run(*inputs)
-
     def drop_encoder_outputs(self, mm_hashes: list[str]) -> None:
         self.encoder.drop(mm_hashes)
 
-    def _prepare_inputs(self, chunks: list[ScheduledChunk]):
-        ids, slots, rows, mask, tables = [], [], [], [], []
-        for chunk in chunks:
+    def _prepare_inputs(self, chunks: list[ScheduledChunk], rows: np.ndarray):
+        ids, slots, embeds, mask = [], [], [], np.zeros(sum(c.num_tokens for c in chunks), bool)
+        offset, bs = 0, self.block_size
+        width = int(self.block_rows.num_blocks[rows].max())
+        tables = self.block_rows.np_table[rows, :width]  # [S, width]
+        for chunk, table in zip(chunks, tables, strict=True):
             ids += chunk.request.all_token_ids[chunk.start : chunk.end]
-            slots += self._slots(chunk)
-            chunk_rows, chunk_mask = self._image_rows(chunk)
-            rows += chunk_rows
-            mask += chunk_mask
-            tables.append(chunk.block_ids)
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+            positions = np.arange(chunk.start, chunk.end)
+            slots.append(table[positions // bs].astype(np.int64) * bs + positions % bs)
+            embeds += self._image_rows(chunk, mask[offset : offset + chunk.num_tokens])
+            offset += chunk.num_tokens
         ctx = ForwardContext.build(
             [c.num_tokens for c in chunks],
             [c.end for c in chunks],
             [[g for f in c.request.mm_features for g in f.placeholder.groups] for c in chunks],
             self.device,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            block_tables=block_tables.to(self.device),
+            slot_mapping=self._to_device(torch.from_numpy(np.concatenate(slots))),
+            block_tables=self._to_device(torch.from_numpy(tables)),
             kv_caches=self.kv_caches,
         )
-        image_embeds = torch.stack(rows) if rows else None
-        image_mask = torch.tensor(mask, device=self.device) if rows else None
-        return torch.tensor(ids, device=self.device), ctx, image_embeds, image_mask
+        image_embeds = torch.cat(embeds) if embeds else None
+        image_mask = self._to_device(torch.from_numpy(mask)) if embeds else None
+        ids = self._to_device(torch.tensor(ids, dtype=torch.int64))
+        return ids, ctx, image_embeds, image_mask
 
-    def _slots(self, chunk: ScheduledChunk) -> list[int]:
-        bs, blocks = self.block_size, chunk.block_ids
-        return [blocks[p // bs] * bs + p % bs for p in range(chunk.start, chunk.end)]
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
-    def _image_rows(self, chunk: ScheduledChunk) -> tuple[list[torch.Tensor], list[bool]]:
-        """Embedding rows for the image tokens of the chunk in token order, and which of the
-        chunk's tokens take them (by position: a generated token is text whatever its id)."""
-        rows, mask = [], [False] * chunk.num_tokens
+    def _image_rows(self, chunk: ScheduledChunk, mask: np.ndarray) -> list[torch.Tensor]:
+        """Slices of embedding rows for the image tokens of the chunk, in token order; marks in
+        `mask` (the chunk's tokens) which take them: by position, since a generated token is
+        text whatever its id."""
+        slices = []
         for feature in chunk.request.mm_features:
             base = 0
             for group in feature.placeholder.groups:
                 lo, hi = max(group.offset, chunk.start), min(group.end, chunk.end)
                 if lo < hi:
                     embeds = self.encoder.cache[feature.mm_hash]
-                    rows += list(embeds[base + lo - group.offset : base + hi - group.offset])
-                    mask[lo - chunk.start : hi - chunk.start] = [True] * (hi - lo)
+                    slices.append(embeds[base + lo - group.offset : base + hi - group.offset])
+                    mask[lo - chunk.start : hi - chunk.start] = True
                 base += group.length
-        return rows, mask
+        return slices
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> ModelRunnerOutput:
         batch = SamplingBatch.from_rows(

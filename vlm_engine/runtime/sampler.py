@@ -47,7 +47,8 @@ class SamplingBatch:
     has its no-op value (greedy rows count as no-op for temperature, min-p, top-k and top-p)."""
 
     vocab_size: int
-    greedy: torch.Tensor  # [B] bool
+    greedy: torch.Tensor | None  # [B] bool; None when all rows are greedy or none is
+    num_rows: int
     all_greedy: bool
     all_random: bool
     temperature: torch.Tensor | None  # [B] float32, 1.0 on greedy rows
@@ -62,10 +63,6 @@ class SamplingBatch:
     blocked_stop_ids: torch.Tensor | None  # [2, N] int64 (row, token id) masked for min_tokens
     generators: dict[int, torch.Generator]  # row -> its request's generator (non-greedy rows)
     max_num_logprobs: int | None  # most top logprobs any row asks for; None if no row asks
-
-    @property
-    def num_rows(self) -> int:
-        return self.greedy.shape[0]
 
     @classmethod
     def from_rows(
@@ -87,11 +84,13 @@ class SamplingBatch:
             _pad([r.output_token_ids for r in rows], vocab_size, device) if any_penalty else None
         )
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        all_greedy, all_random = all(greedy), not any(greedy)
         return cls(
             vocab_size=vocab_size,
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            all_greedy=all(greedy),
-            all_random=not any(greedy),
+            greedy=None if all_greedy or all_random else _to_device(greedy, torch.bool, device),
+            num_rows=len(rows),
+            all_greedy=all_greedy,
+            all_random=all_random,
             temperature=_column([p.temperature if p else 1.0 for p in sampled], 1.0, device),
             min_p=_column([p.min_p if p else 0.0 for p in sampled], 0.0, device),
             top_k=_column([_top_k(p, vocab_size) for p in sampled], vocab_size, device),
@@ -257,7 +256,14 @@ def _column(values: list, off: float | int, device: torch.device) -> torch.Tenso
     if all(v == off for v in values):
         return None
     dtype = torch.int64 if isinstance(off, int) else torch.float32
-    return torch.tensor(values, dtype=dtype, device=device)
+    return _to_device(values, dtype, device)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor, copied from pinned memory without blocking the host."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _top_k(params: SamplingParams | None, vocab_size: int) -> int:
@@ -274,7 +280,7 @@ def _penalized_prompts(rows: Sequence[SamplingRow]) -> list[Sequence[int]]:
 def _pad(sequences: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max(len(s) for s in sequences)
     padded = [list(s) + [pad] * (width - len(s)) for s in sequences]
-    return torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(sequences), width)
+    return _to_device(padded, torch.int64, device).reshape(len(sequences), width)
 
 
 def _blocked_stop_ids(
@@ -291,7 +297,7 @@ def _blocked_stop_ids(
     ]
     if not pairs:
         return None
-    return torch.tensor(pairs, dtype=torch.int64, device=device).T  # [2, N]
+    return _to_device(pairs, torch.int64, device).T  # [2, N]
 
 
 def _generators(

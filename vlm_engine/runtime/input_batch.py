@@ -1,0 +1,91 @@
+"""Host-side batch state that persists across steps, so a step does not rebuild it from lists.
+
+Each request the runner has seen keeps a row of a block table held in pinned host memory: a step
+writes only the blocks a request gained since its previous step, and the rows of the step's
+requests are gathered with one numpy index. A request's row is released when it finishes or is
+preempted (the scheduler reports both with the next step), and reused by a later request.
+Decode inputs (ids, positions, KV slots, lengths) are computed from these rows in vectorized
+numpy, in pinned buffers the device copies from asynchronously.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from vlm_engine.core.scheduler import ScheduledChunk
+
+
+def pinned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host tensor the device can copy from asynchronously (plain memory without a GPU)."""
+    return torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+class BlockTableRows:
+    def __init__(self, max_rows: int, max_blocks: int, device: torch.device):
+        self.max_blocks = max_blocks
+        self.table = pinned((max_rows, max_blocks), torch.int32, device)
+        self.np_table = self.table.numpy()
+        self.num_blocks = np.zeros(max_rows, dtype=np.int64)
+        self.row_of: dict[str, int] = {}
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            row = self.row_of.pop(request_id, None)
+            if row is not None:
+                self.num_blocks[row] = 0
+                self.free_rows.append(row)
+
+    def rows(self, chunks: Sequence[ScheduledChunk]) -> np.ndarray:
+        """Row of each chunk's request, its blocks up to date. [S] int64"""
+        rows = np.empty(len(chunks), dtype=np.int64)
+        for i, chunk in enumerate(chunks):
+            request_id = chunk.request.request_id
+            row = self.row_of.get(request_id)
+            if row is None:
+                row = self.row_of[request_id] = self.free_rows.pop()
+            known, blocks = self.num_blocks[row], chunk.block_ids
+            if len(blocks) > known:
+                self.np_table[row, known : len(blocks)] = blocks[known:]
+                self.num_blocks[row] = len(blocks)
+            rows[i] = row
+        return rows
+
+
+class DecodeInputs:
+    """Pinned host buffers for a decode-only step: one token per sequence."""
+
+    def __init__(self, max_seqs: int, max_blocks: int, block_size: int, device: torch.device):
+        self.block_size = block_size
+        self.input_ids = pinned((max_seqs,), torch.int64, device)
+        self.positions = pinned((max_seqs,), torch.int64, device)
+        self.slot_mapping = pinned((max_seqs,), torch.int64, device)
+        self.seq_lens = pinned((max_seqs,), torch.int32, device)
+        self.block_tables = pinned((max_seqs, max_blocks), torch.int32, device)
+
+    def fill(
+        self, chunks: Sequence[ScheduledChunk], rows: np.ndarray, table: BlockTableRows
+    ) -> tuple[torch.Tensor, ...]:
+        """Inputs of the step as views of the pinned buffers (valid until the next fill)."""
+        n = len(chunks)
+        positions = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
+        ids = np.fromiter((c.request.all_token_ids[c.start] for c in chunks), np.int64, count=n)
+        width = int(table.num_blocks[rows].max())
+        tables = table.np_table[rows, :width]  # [n, width]
+        bs = self.block_size
+        blocks = tables[np.arange(n), positions // bs]
+        self.input_ids.numpy()[:n] = ids
+        self.positions.numpy()[:n] = positions
+        self.slot_mapping.numpy()[:n] = blocks * bs + positions % bs
+        self.seq_lens.numpy()[:n] = positions + 1
+        self.block_tables.numpy()[:n, :width] = tables
+        return (
+            self.input_ids[:n],
+            self.positions[:n],
+            self.slot_mapping[:n],
+            self.block_tables[:n, :width],
+            self.seq_lens[:n],
+        )
