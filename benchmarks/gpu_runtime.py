@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--vision-batch", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--encoder-compute-budget", type=int, default=4096)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_checkpoint(Path(tmp) / "gemma3-4b-shape", **GEMMA3_4B)
@@ -187,6 +189,8 @@ def main() -> None:
             device="cuda",
             load_format="dummy",
             max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            encoder_compute_budget=args.encoder_compute_budget,
             max_model_len=4096,
             gpu_memory_utilization=0.5,
         )
