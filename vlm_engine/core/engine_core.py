@@ -78,6 +78,7 @@ class EngineCore:
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
+            self.runner.release(scheduled)
             return []
         scheduled_at = time.perf_counter()
         result = self.runner.execute(scheduled)  # returns once the sampled ids are on the host
@@ -125,8 +126,11 @@ class EngineCore:
 
     def all_blocks_free(self) -> bool:
         encoder = self.scheduler.encoder_cache
+        # Batch rows of finished requests are released with the next step.
+        rows_held = set(self.runner.block_rows.row_of) - set(self.scheduler.finished_ids)
         return (
-            self.kv_manager.all_blocks_free()
+            not rows_held
+            and self.kv_manager.all_blocks_free()
             and encoder.num_referenced() == 0
             and set(self.runner.encoder.cache) == set(encoder.refs)
         )

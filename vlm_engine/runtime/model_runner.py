@@ -56,8 +56,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        self.drop_encoder_outputs(step.free_encoder_hashes)
-        self.block_rows.release(itertools.chain(step.finished_ids, step.preempted_ids))
+        self.release(step)
         self.encoder.run(step.chunks)
         start = time.perf_counter()
         rows = self.block_rows.rows(step.chunks)
@@ -76,6 +75,12 @@ class ModelRunner:
         rows = [end - 1 for end, c in zip(ends, step.chunks, strict=True) if c.samples]
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         return self._sample(logits, [c.request for c in sampling])
+
+    def release(self, step: SchedulerOutput) -> None:
+        """Forget what the step says is gone: evicted image embeddings, and the batch rows of
+        requests that finished or were preempted. Also for steps with nothing to run."""
+        self.drop_encoder_outputs(step.free_encoder_hashes)
+        self.block_rows.release(itertools.chain(step.finished_ids, step.preempted_ids))
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         max_blocks = -(-max_model_len // self.block_size)
