@@ -1,5 +1,6 @@
 """vlm_engine: fast, correct inference for Gemma3 vision-language models."""
 
+from vlm_engine.async_engine import AsyncEngine, EngineDeadError
 from vlm_engine.config import ModelConfig
 from vlm_engine.engine import Engine
 from vlm_engine.engine_config import EngineConfig
@@ -17,7 +18,9 @@ from vlm_engine.pipeline import VisionLanguagePipeline
 from vlm_engine.sampling_params import SamplingParams
 
 __all__ = [
+    "AsyncEngine",
     "Engine",
+    "EngineDeadError",
     "EngineConfig",
     "Logprob",
     "RequestMetrics",

@@ -1,0 +1,115 @@
+"""AsyncEngine: concurrent streams equal the blocking engine, cancelling aborts and frees, bad
+input raises its typed error, and closing ends pending streams."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from vlm_engine import SamplingParams
+from vlm_engine.async_engine import AsyncEngine, EngineDeadError
+from vlm_engine.errors import InvalidInputError
+from vlm_engine.testing import make_tiny_checkpoint
+from vlm_engine.testing.samples import random_image
+
+PROMPTS = [f"Question {i}: what is in the picture?" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=2)
+
+
+def make_engine(checkpoint) -> AsyncEngine:
+    return AsyncEngine(checkpoint, device="cpu", dtype="float32", block_size=8)
+
+
+async def collect(engine: AsyncEngine, prompt, params) -> tuple[list[int], str, int]:
+    tokens, text, num_items = [], "", 0
+    async for delta in engine.generate(prompt, params):
+        tokens += delta.token_ids
+        text += delta.text
+        num_items += 1
+    return tokens, text, num_items
+
+
+def test_concurrent_streams_match_the_blocking_engine(checkpoint):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [*PROMPTS, {"prompt": "<start_of_image>Describe.", "images": [random_image(40, 30, seed=3)]}]
+
+    async def run():
+        async with make_engine(checkpoint) as engine:
+            results = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+            expected = engine.engine.generate(prompts, params)  # same engine, after the streams
+            assert engine.engine.core.all_blocks_free()
+            return results, expected
+
+    results, expected = asyncio.run(run())
+    for (tokens, text, num_items), out in zip(results, expected, strict=True):
+        assert tokens == out.token_ids and text == out.text
+        assert num_items > 1  # streamed, not delivered at the end
+
+
+def test_cancelled_consumer_aborts_and_frees(checkpoint):
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    async def consume_three(engine: AsyncEngine, seen: list) -> None:
+        async for delta in engine.generate(PROMPTS[0], long):
+            seen.append(delta)
+            if len(seen) == 3:
+                await asyncio.sleep(3600)  # parked until cancelled
+
+    async def run():
+        async with make_engine(checkpoint) as engine:
+            seen: list = []
+            task = asyncio.create_task(consume_three(engine, seen))
+            other = asyncio.create_task(collect(engine, PROMPTS[1], short))
+            while len(seen) < 3:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            tokens, _, _ = await other  # the other caller is not disturbed
+            stats = await engine.stats()
+            free = await engine._call(engine.engine.core.all_blocks_free)
+            return seen, tokens, stats, free
+
+    seen, tokens, stats, free = asyncio.run(run())
+    assert len(seen) == 3 and not seen[-1].finished
+    assert len(tokens) == 5
+    assert stats["requests"]["aborted"] == 1 and stats["scheduler"]["num_running"] == 0
+    assert free
+
+
+def test_bad_input_raises_for_that_request_only(checkpoint):
+    params = SamplingParams(temperature=0, max_tokens=4)
+
+    async def run():
+        async with make_engine(checkpoint) as engine:
+            with pytest.raises(InvalidInputError):
+                await collect(engine, {"prompt": "x", "images": [b"not an image"]}, params)
+            return await collect(engine, PROMPTS[2], params), engine.is_healthy
+
+    (tokens, _, _), healthy = asyncio.run(run())
+    assert len(tokens) == 4 and healthy
+
+
+def test_close_ends_pending_streams(checkpoint):
+    long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+
+    async def run():
+        engine = make_engine(checkpoint)
+        stream = engine.generate(PROMPTS[3], long)
+        first = await stream.__anext__()
+        await engine.close()
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await collect(engine, PROMPTS[0], long)
+        return first, engine.is_healthy
+
+    first, healthy = asyncio.run(run())
+    assert not first.finished and not healthy

@@ -1,0 +1,148 @@
+"""`AsyncEngine`: the engine for asyncio applications and servers.
+
+    engine = AsyncEngine("gemma-3-4b-it")
+    async for delta in engine.generate({"prompt": "Describe it.", "images": [img]}, params):
+        print(delta.text, end="")
+
+Many callers may stream at once: one background task steps the engine while any request is
+unfinished and hands each step's outputs to the queue of the request they belong to. Every call
+into the `Engine` (adding, stepping, aborting) runs on one worker thread, one at a time, so the
+event loop never blocks on image preprocessing or a model step and the engine never sees two
+calls at once. A consumer that stops early (cancelled, `break`, an exception) aborts its
+request, which frees its KV blocks and image references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vlm_engine.engine import Engine
+from vlm_engine.frontend.input_processor import Prompt
+from vlm_engine.outputs import RequestOutput
+from vlm_engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("vlm_engine")
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed while running a step; requests in flight end with this error."""
+
+
+class AsyncEngine:
+    def __init__(self, checkpoint_dir: str | Path, **options: Any):
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "vlm-engine")
+        self.engine = self._executor.submit(Engine, checkpoint_dir, **options).result()
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._unfinished: set[str] = set()  # requests whose last output has not come yet
+        self._step_task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._error is None and not self._closed
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream one request: each item holds what is new since the previous one; the last has
+        `finished=True`. Bad input raises its typed `InvalidInputError` before anything runs."""
+        self._check_usable()
+        request_id = await self._call(
+            self.engine.add_request, prompt, sampling_params, request_id, priority, cache_salt, True
+        )
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._unfinished.add(request_id)
+        self._ensure_stepping()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            self._unfinished.discard(request_id)
+            if not finished and self.is_healthy:
+                await asyncio.shield(self._call(self.engine.abort_request, request_id))
+
+    async def abort(self, request_id: str) -> None:
+        queue = self._queues.pop(request_id, None)
+        self._unfinished.discard(request_id)
+        outputs = await self._call(self.engine.abort_request, request_id)
+        if queue is not None:
+            for out in outputs:
+                queue.put_nowait(out)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call(self.engine.stats)
+
+    async def close(self) -> None:
+        """Abort what is left and release the engine; pending streams end with an error."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._step_task is not None:
+            await asyncio.gather(self._step_task, return_exceptions=True)
+        self._fail_all(EngineDeadError("the engine was closed"))
+        await self._call(self.engine.close)
+        self._executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- the stepping task ----------------------------------------------------------------
+
+    def _ensure_stepping(self) -> None:
+        if self._step_task is None or self._step_task.done():
+            self._step_task = asyncio.get_running_loop().create_task(self._step_loop())
+
+    async def _step_loop(self) -> None:
+        while self._unfinished and not self._closed:
+            try:
+                outputs = await self._call(self._step)
+            except Exception as e:  # a failed step: nothing in flight can be trusted any more
+                logger.exception("engine step failed")
+                self._error = e
+                self._fail_all(EngineDeadError(f"the engine failed: {e!r}"))
+                return
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+                if out.finished:
+                    self._unfinished.discard(out.request_id)
+
+    def _step(self) -> list[RequestOutput]:
+        # On the worker thread: one step, or none when every request just finished.
+        return self.engine.step() if self.engine.has_unfinished() else []
+
+    def _fail_all(self, error: BaseException) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the engine is closed")
+        if self._error is not None:
+            raise EngineDeadError(f"the engine failed earlier: {self._error!r}")
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
