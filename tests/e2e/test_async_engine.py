@@ -36,7 +36,10 @@ async def collect(engine: AsyncEngine, prompt, params) -> tuple[list[int], str, 
 
 def test_concurrent_streams_match_the_blocking_engine(checkpoint):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    prompts = [*PROMPTS, {"prompt": "<start_of_image>Describe.", "images": [random_image(40, 30, seed=3)]}]
+    prompts = [
+        *PROMPTS,
+        {"prompt": "<start_of_image>Describe.", "images": [random_image(40, 30, seed=3)]},
+    ]
 
     async def run():
         async with make_engine(checkpoint) as engine:
