@@ -72,8 +72,8 @@ class ModelRunner:
         if not sampling:
             return ModelRunnerOutput({}, {})
         ends = itertools.accumulate(c.num_tokens for c in step.chunks)  # on the host: no sync
-        rows = [end - 1 for end, c in zip(ends, step.chunks, strict=True) if c.samples]
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        last = [end - 1 for end, c in zip(ends, step.chunks, strict=True) if c.samples]
+        logits = self.model.compute_logits(hidden[self._to_device(torch.tensor(last))])
         return self._sample(logits, [c.request for c in sampling])
 
     def release(self, step: SchedulerOutput) -> None:
