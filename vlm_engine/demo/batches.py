@@ -1,0 +1,90 @@
+"""Training batches for the demo model: the engine's chat prompt for one picture, then its caption.
+
+Each row is the token ids the engine builds for ``demo_request(picture)`` (chat template, image
+group spliced in) followed by the canonical caption and ``<end_of_turn>``. Labels cover only the
+caption and ``<end_of_turn>``; pixels go through the checkpoint's own image processor, so the
+model trains on exactly what it will see at inference.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from vlm_engine.config import ModelConfig
+from vlm_engine.demo.model import demo_request
+from vlm_engine.demo.shapes import ShapeScene, caption, make_example
+from vlm_engine.frontend.chat import render_chat, split_messages
+from vlm_engine.frontend.prompt import PromptBuilder
+from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (transformers' convention)
+IMAGE_SIZES = (96, 256)  # pictures are drawn at a random square size in this range, then resized
+
+
+@dataclass(frozen=True)
+class CaptionBatch:
+    """Right-padded rows; the keyword arguments of Gemma3ForConditionalGeneration.forward."""
+
+    input_ids: torch.Tensor  # [batch, seq] int64
+    token_type_ids: torch.Tensor  # [batch, seq] int64, 1 on image soft tokens
+    labels: torch.Tensor  # [batch, seq] int64, IGNORE_INDEX outside captions
+    pixel_values: torch.Tensor  # [batch, 3, H, W] float32
+    scenes: tuple[ShapeScene, ...]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "token_type_ids": self.token_type_ids,
+            "labels": self.labels,
+            "pixel_values": self.pixel_values,
+        }
+
+
+class CaptionBatcher:
+    """Draws batches of random scenes for one checkpoint's tokenizer and image processor."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        config = ModelConfig.from_hf(checkpoint_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        self.processor = Gemma3ImageProcessor(ImageProcessorConfig.from_pretrained(checkpoint_dir))
+        self.image_token_id = config.image_tokens.image_token_id
+        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        self.pad_id = self.tokenizer.pad_token_id
+        builder = PromptBuilder(self.tokenizer, config.image_tokens)
+        # Only the message structure matters here: the image source is never opened.
+        rendered, _, _ = split_messages(demo_request("picture.png")["messages"])
+        text = render_chat(self.tokenizer, rendered)
+        self.prompt_ids = builder.build(text, [0], add_bos=False).token_ids
+
+    def sample(self, rng: random.Random, batch_size: int) -> CaptionBatch:
+        """``batch_size`` random scenes, each drawn at a random size in ``IMAGE_SIZES``."""
+        examples = [make_example(rng, rng.randint(*IMAGE_SIZES)) for _ in range(batch_size)]
+        pixels = [self.processor.preprocess(image) for image, _ in examples]
+        if any(p.num_crops for p in pixels):
+            raise ValueError("the demo model's processor must not cut pan-and-scan crops")
+        scenes = tuple(scene for _, scene in examples)
+        targets = self.caption_ids(scenes)
+        seq_len = len(self.prompt_ids) + max(map(len, targets))
+        input_ids = torch.full((batch_size, seq_len), self.pad_id, dtype=torch.long)
+        labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+        start = len(self.prompt_ids)
+        for row, target in enumerate(targets):
+            input_ids[row, : start + len(target)] = torch.tensor(self.prompt_ids + target)
+            labels[row, start : start + len(target)] = torch.tensor(target)
+        return CaptionBatch(
+            input_ids=input_ids,
+            token_type_ids=(input_ids == self.image_token_id).long(),
+            labels=labels,
+            pixel_values=torch.cat([p.pixel_values for p in pixels]),
+            scenes=scenes,
+        )
+
+    def caption_ids(self, scenes: tuple[ShapeScene, ...]) -> list[list[int]]:
+        """Token ids the model should answer with: the caption, then ``<end_of_turn>``."""
+        encoded = self.tokenizer([caption(s) for s in scenes], add_special_tokens=False)
+        return [ids + [self.end_of_turn_id] for ids in encoded["input_ids"]]
