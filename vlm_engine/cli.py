@@ -9,24 +9,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from vlm_engine.demo.model import DEMO_PROMPT
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @contextlib.contextmanager
 def model_dir(model: str | None) -> Iterator[Path]:
-    """The given checkpoint, or the demo one: a tiny random-weight Gemma3 made afresh in a
-    temporary folder (a fraction of a second, no download), removed afterwards."""
+    """The given checkpoint, or the built-in demo model that ships with the package (a small
+    Gemma3 trained to caption pictures of shapes; see `vlm_engine.demo`)."""
     if model is not None:
         yield Path(model)
         return
-    from vlm_engine.testing import make_tiny_checkpoint
+    from vlm_engine.demo import default_model_path
 
-    with tempfile.TemporaryDirectory(prefix="vlm_engine_demo_") as tmp:
-        yield make_tiny_checkpoint(Path(tmp), seed=0)
+    yield default_model_path()
 
 
 def image_paths(sources: list[str]) -> list[Path]:
@@ -42,12 +42,6 @@ def image_paths(sources: list[str]) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from vlm_engine import Engine, SamplingParams
 
-    if args.model is None:
-        print(
-            "note: the built-in demo checkpoint has random weights until a trained one ships, "
-            "so its answers are noise; pass --model DIR for a real Gemma3 checkpoint.",
-            file=sys.stderr,
-        )
     paths = image_paths(args.images)
     with model_dir(args.model) as path:
         engine = Engine(path, device=args.device, dtype=args.dtype)
@@ -73,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("images", nargs="+", help="image files or folders of images")
     gen.add_argument("--model", help="HF Gemma3 checkpoint directory (default: built-in demo)")
-    gen.add_argument("--prompt", default="Describe the image.", help="question for every image")
+    gen.add_argument(
+        "--prompt",
+        default=DEMO_PROMPT,
+        help="question for every image (default: the one the demo model was trained on)",
+    )
     gen.add_argument("--max-tokens", type=int, default=16, help="tokens to generate per image")
     gen.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

@@ -37,14 +37,18 @@ DEMO_SPEC = TinySpec(
     num_key_value_heads=2,
     head_dim=48,
     query_pre_attn_scalar=48,
-    sliding_window=32,  # shorter than a request (~47 tokens): sliding layers really slide
+    sliding_window=32,  # shorter than a request (~42 tokens): sliding layers really slide
     max_position_embeddings=1024,
     vision_hidden_size=128,
     vision_intermediate_size=512,
     vision_num_hidden_layers=4,
     vision_num_attention_heads=4,
+    # 6 x 6 patches, pooled 2 x 2 into 9 image tokens: one token per grid cell of the pictures,
+    # so a shape's kind is close to a linear function of one token. (12-px patches pooled into
+    # 16 tokens that straddle the cells reached 92% held-out accuracy in the same time; these
+    # reach 99.5%.)
     image_size=96,
-    patch_size=16,  # 6 x 6 patches, pooled 2 x 2 into 9 image tokens: one per grid cell
+    patch_size=16,
     mm_tokens_per_image=9,
 )
 
@@ -62,8 +66,8 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     log_every: int = 50
-    # The tower at a quarter of the rate: at the full rate its features drift faster than the
-    # decoder can learn to read them, and training stalls (measured: 2-10x slower).
+    # The tower at a quarter of the rate: in seed sweeps at the full rate its features drifted
+    # faster than the decoder learned to read them, and position and count took far longer.
     vision_lr_scale: float = 0.25
     device: str = "cpu"  # the script trains on a CPU; "cuda" works too (same recipe, faster)
 
