@@ -107,18 +107,16 @@ def encode_outputs(outputs: Sequence[EngineCoreOutput]) -> bytes:
 def decode_outputs(frame: bytes | memoryview) -> list[EngineCoreOutput]:
     try:
         return [
-            EngineCoreOutput(
-                request_id,
-                tokens,
-                [[tuple(e) for e in step] for step in logprobs] if logprobs is not None else None,
-                finish,
-                stop,
-                cached,
-            )  # fmt: skip
+            EngineCoreOutput(request_id, tokens, _logprobs(logprobs), finish, stop, cached)
             for request_id, tokens, logprobs, finish, stop, cached in unpack(frame)["outputs"]
         ]
     except (KeyError, TypeError, ValueError) as e:
         raise MessageError(f"malformed outputs message: {e!r}") from e
+
+
+def _logprobs(steps: list | None) -> list[list[tuple[int, float, int]]] | None:
+    # msgpack gives the (token, logprob, rank) entries back as lists
+    return None if steps is None else [[tuple(entry) for entry in step] for step in steps]
 
 
 def _decode_feature(meta: dict[str, Any], frame: bytes | memoryview) -> MultiModalFeature:

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from vlm_engine.kernels.triton_attention import triton_available
+from vlm_engine.kernels.triton_attention import runs_on_triton
 
 
 def gelu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
@@ -14,7 +14,7 @@ def gelu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if gate_up.is_cuda and triton_available(gate_up.device) and gate_up.dim() == 2:
+    if runs_on_triton(gate_up) and gate_up.dim() == 2:
         from vlm_engine.kernels.triton_activation import gelu_and_mul as gelu_and_mul_triton
 
         return gelu_and_mul_triton(gate_up)

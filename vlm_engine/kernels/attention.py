@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_engine.kernels.triton_attention import paged_attention, triton_available
+from vlm_engine.kernels.triton_attention import paged_attention, runs_on_triton
 from vlm_engine.runtime.forward_context import DecodeBatch, ForwardContext
 
 
@@ -119,7 +119,7 @@ def attention(
 ) -> torch.Tensor:
     """The Triton kernel over the paged cache on a GPU; the torch reference otherwise (and for
     cache-less full-sequence passes)."""
-    if ctx.uses_kv_cache and query.is_cuda and triton_available(query.device):
+    if ctx.uses_kv_cache and runs_on_triton(query):
         return paged_attention(
             query, ctx.kv_caches[layer_idx], ctx.block_tables, ctx.seq_lens,
             ctx.query_start_loc, ctx.positions, ctx.kv_limits, scale, window, ctx.max_query_len,

@@ -2,7 +2,7 @@
 
 import torch
 
-from vlm_engine.kernels.triton_attention import triton_available
+from vlm_engine.kernels.triton_attention import runs_on_triton
 
 
 def store_kv_ref(
@@ -20,7 +20,7 @@ def store_kv_ref(
 def store_kv(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    if key.is_cuda and triton_available(key.device):
+    if runs_on_triton(key):
         from vlm_engine.kernels.triton_kv_store import store_kv as store_kv_triton
 
         store_kv_triton(key, value, kv_cache, slot_mapping)

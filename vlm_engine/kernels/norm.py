@@ -2,6 +2,8 @@
 
 import torch
 
+from vlm_engine.kernels.triton_attention import runs_on_triton
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # x: [..., dim]  weight: [dim]
@@ -11,14 +13,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return (xf * (1.0 + weight.float())).to(x.dtype)
 
 
-def _on_gpu(x: torch.Tensor) -> bool:
-    from vlm_engine.kernels.triton_attention import triton_available
-
-    return x.is_cuda and triton_available(x.device)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _on_gpu(x) and x.dim() in (2, 3):
+    if runs_on_triton(x) and x.dim() in (2, 3):
         from vlm_engine.kernels import triton_norm
 
         return triton_norm.rms_norm(x if x.stride(-1) == 1 else x.contiguous(), weight, eps)
@@ -33,7 +29,7 @@ def post_norm_residual_pre_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`residual + post_norm(h)` and its `pre_norm`, fused into one kernel on a GPU."""
-    if _on_gpu(h):
+    if runs_on_triton(h):
         from vlm_engine.kernels import triton_norm
 
         return triton_norm.post_norm_residual_pre_norm(h, residual, post_weight, pre_weight, eps)

@@ -2,6 +2,8 @@
 
 import torch
 
+from vlm_engine.kernels.triton_attention import runs_on_triton
+
 
 def rope_inv_freq(
     head_dim: int, theta: float, scaling_factor: float, device: torch.device
@@ -39,9 +41,7 @@ class Rotary:
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, heads, dim]  k: [T, kv_heads, dim]
-        from vlm_engine.kernels.triton_attention import triton_available
-
-        if q.is_cuda and triton_available(q.device):
+        if runs_on_triton(q):
             from vlm_engine.kernels.triton_rotary import apply_rotary_
 
             apply_rotary_(q, k, self.positions, self.inv_freq)

@@ -275,6 +275,12 @@ def triton_available(device: torch.device | str | None = None) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def runs_on_triton(x: torch.Tensor) -> bool:
+    """Whether the ops on `x` take their Triton kernels: a CUDA tensor with triton installed.
+    (Tests reach the interpreter by calling the Triton wrappers directly.)"""
+    return x.is_cuda and triton_available(x.device)
+
+
 def _kernel_is_interpreted() -> bool:
     return not isinstance(paged_attention_kernel, triton.runtime.JITFunction)
 

@@ -11,16 +11,25 @@ numpy, in pinned buffers the device copies from asynchronously.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from vlm_engine.core.scheduler import ScheduledChunk
+if TYPE_CHECKING:
+    from vlm_engine.core.scheduler import ScheduledChunk
 
 
 def pinned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host tensor the device can copy from asynchronously (plain memory without a GPU)."""
     return torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, without blocking the host."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class BlockTableRows:
@@ -54,6 +63,10 @@ class BlockTableRows:
             rows[i] = row
         return rows
 
+    def tables(self, rows: np.ndarray) -> np.ndarray:
+        """Block tables of `rows`, as wide as the longest: [len(rows), max blocks] int32."""
+        return self.np_table[rows, : int(self.num_blocks[rows].max())]
+
 
 class DecodeInputs:
     """Pinned host buffers for a decode-only step: one token per sequence."""
@@ -73,8 +86,8 @@ class DecodeInputs:
         n = len(chunks)
         positions = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
         ids = np.fromiter((c.request.all_token_ids[c.start] for c in chunks), np.int64, count=n)
-        width = int(table.num_blocks[rows].max())
-        tables = table.np_table[rows, :width]  # [n, width]
+        tables = table.tables(rows)  # [n, width]
+        width = tables.shape[1]
         bs = self.block_size
         blocks = tables[np.arange(n), positions // bs]
         self.input_ids.numpy()[:n] = ids

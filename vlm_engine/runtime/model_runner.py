@@ -18,7 +18,7 @@ from vlm_engine.runtime.cuda_graphs import CudaGraphRunner
 from vlm_engine.runtime.encoder_runner import EncoderRunner
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.runtime.greedy import allocate_kv_caches
-from vlm_engine.runtime.input_batch import BlockTableRows, DecodeInputs
+from vlm_engine.runtime.input_batch import BlockTableRows, DecodeInputs, to_device
 from vlm_engine.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 
 
@@ -101,8 +101,7 @@ class ModelRunner:
     def _prepare_inputs(self, chunks: list[ScheduledChunk], rows: np.ndarray):
         ids, slots, embeds, mask = [], [], [], np.zeros(sum(c.num_tokens for c in chunks), bool)
         offset, bs = 0, self.block_size
-        width = int(self.block_rows.num_blocks[rows].max())
-        tables = self.block_rows.np_table[rows, :width]  # [S, width]
+        tables = self.block_rows.tables(rows)  # [S, width]
         for chunk, table in zip(chunks, tables, strict=True):
             ids += chunk.request.all_token_ids[chunk.start : chunk.end]
             positions = np.arange(chunk.start, chunk.end)
@@ -124,9 +123,7 @@ class ModelRunner:
         return ids, ctx, image_embeds, image_mask
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return to_device(host, self.device)
 
     def _image_rows(self, chunk: ScheduledChunk, mask: np.ndarray) -> list[torch.Tensor]:
         """Slices of embedding rows for the image tokens of the chunk, in token order; marks in

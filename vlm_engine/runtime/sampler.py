@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_engine.runtime.input_batch import to_device
 from vlm_engine.sampling_params import SamplingParams
 
 # Rows below this temperature are sampled greedily: the result equals argmax except between
@@ -260,10 +261,7 @@ def _column(values: list, off: float | int, device: torch.device) -> torch.Tenso
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor, copied from pinned memory without blocking the host."""
-    if torch.device(device).type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _top_k(params: SamplingParams | None, vocab_size: int) -> int:
