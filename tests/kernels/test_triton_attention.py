@@ -10,7 +10,7 @@ module importing the kernel); and the variable would stay set for every other te
 import pytest
 import torch
 
-from vlm_engine.kernels import triton_attention
+from vlm_engine.kernels import split_kv, triton_attention
 from vlm_engine.kernels.attention import attention_ref
 from vlm_engine.kernels.triton_attention import TileConfig, paged_attention
 from vlm_engine.runtime.forward_context import ForwardContext, ImageGroup
@@ -37,7 +37,7 @@ def interpret_on_cpu(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for namespace in (triton_attention, tl, tl.standard):
+    for namespace in (triton_attention, split_kv, tl, tl.standard):
         for name, value in vars(namespace).items():
             if isinstance(value, JITFunction):
                 monkeypatch.setattr(namespace, name, InterpretedFunction(value.fn))
@@ -284,7 +284,7 @@ def test_decode_default_splits_at_model_scale(window):
     half, cache = query.to(torch.bfloat16), ctx.kv_caches[0].to(torch.bfloat16)
     ctx.kv_caches = [cache.float()]
     expected = attention_ref(half.float(), None, None, ctx, 0, 256**-0.5, window)
-    assert triton_attention.default_num_splits(3, 4, DEVICE) > 1
+    assert split_kv.default_num_splits(3, 4, DEVICE) > 1
     out = run_kernel(half, ctx, window, cache=cache, max_query_len=1, tile_config=None)
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 

@@ -21,7 +21,7 @@ Work decomposition
   between the lowest key any of its rows may see (window bound of its smallest position) and
   the largest kv_limit of its rows; keys outside that range are never read, even inside a
   visited tile (blocks that slid out of a window may hold anything).
-- Split KV for small decode batches: with few sequences the (S, kv_heads) grid leaves most SMs
+- Split KV for small decode batches (kernels/split_kv.py): with few sequences the (S, kv_heads) grid leaves most SMs
   idle while each program walks the whole context. A decode step may then add a third grid axis
   of NUM_SPLITS programs per (sequence, KV head), each taking an equal share of the tiles to
   visit, writing its unnormalized output and softmax statistics (running max, sum) to float32
@@ -30,26 +30,16 @@ Work decomposition
 - Online softmax in float32 with exp2 and a log2(e)-scaled scale.
 """
 
-import functools
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: the module imports, triton_available() is False
-    triton = None
-    tl = SimpleNamespace(constexpr=None)  # lets the kernel's signature evaluate
+from vlm_engine.kernels.split_kv import attention_merge_kernel, default_num_splits
+from vlm_engine.kernels.triton_import import jit, tl, triton
 
 
-def _jit(fn):
-    return fn if triton is None else triton.jit(fn)
-
-
-@_jit
+@jit
 def paged_attention_kernel(
     out_ptr,  # [T, num_heads, head_dim]
     query_ptr,  # [T, num_heads, head_dim]
@@ -187,52 +177,6 @@ def paged_attention_kernel(
     tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     if COUNT_TILES:
         tl.store(visited_tiles_ptr + token * num_kv_heads + kv_head, num_visited, mask=row_valid)
-
-
-@_jit
-def attention_merge_kernel(
-    out_ptr,  # [S, num_heads, head_dim]
-    split_acc_ptr,  # [S, num_heads, NUM_SPLITS, HEAD_DIM] float32
-    split_max_ptr,  # [S, num_heads, NUM_SPLITS] float32
-    split_sum_ptr,  # [S, num_heads, NUM_SPLITS] float32
-    num_heads,
-    stride_ot,
-    stride_oh,
-    stride_od,
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-):
-    # One program per (sequence, head): rescale each split to the common max and normalize.
-    row = tl.program_id(0).to(tl.int64) * num_heads + tl.program_id(1)
-    splits = tl.arange(0, NUM_SPLITS)
-    dims = tl.arange(0, HEAD_DIM)
-    split_max = tl.load(split_max_ptr + row * NUM_SPLITS + splits)
-    split_sum = tl.load(split_sum_ptr + row * NUM_SPLITS + splits)
-    acc = tl.load(split_acc_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :])
-    weight = tl.exp2(split_max - tl.max(split_max, axis=0))  # an empty split: max -1e30 -> 0
-    total = tl.sum(split_sum * weight, axis=0)
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
-    o_offsets = (
-        tl.program_id(0).to(tl.int64) * stride_ot + tl.program_id(1) * stride_oh + dims * stride_od
-    )
-    tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty))
-
-
-MAX_SPLITS = 16
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """KV splits for a decode step: enough programs for about two per SM, a power of two."""
-    if device.type != "cuda":
-        return 1
-    programs = num_seqs * num_kv_heads
-    wanted = -(-2 * _num_sms(device.index or 0) // programs)
-    return min(MAX_SPLITS, triton.next_power_of_2(wanted)) if wanted > 1 else 1
 
 
 @dataclass(frozen=True)
