@@ -1,32 +1,214 @@
-"""`vlm-engine` command line.
+"""`vlm-engine`: caption images in batches, serve the demo web app, or answer a prompt per image.
 
-`generate`: answer a prompt about each image given (files or folders) with the engine, batched
-and greedy, printing one line per image. Without `--model` it uses the built-in demo checkpoint.
+Without `--model`, every command uses the built-in demo model, a small Gemma3 trained to caption
+pictures of shapes (`vlm_engine.demo`); `--model DIR` takes any HF Gemma3 checkpoint directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-from vlm_engine.demo.model import DEMO_PROMPT
+from vlm_engine.captioning import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_TOKENS,
+    IMAGE_SUFFIXES,
+    CaptionFileError,
+    caption_sources,
+)
+from vlm_engine.demo.model import DEMO_PROMPT, default_model_path
+from vlm_engine.engine import Engine
+from vlm_engine.errors import CheckpointError, ConfigError, InvalidSamplingParamsError
+from vlm_engine.sampling_params import SamplingParams
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# Errors a user fixes by changing the command line: reported as usage errors, no traceback.
+USAGE_ERRORS = (
+    CaptionFileError,
+    InvalidSamplingParamsError,
+    ConfigError,
+    CheckpointError,
+    FileNotFoundError,
+)
+
+DESCRIPTION = """\
+Run Gemma3 vision-language models with vlm_engine. Without --model every command uses the
+built-in demo model, which captions pictures of shapes; --model DIR takes any HF Gemma3
+checkpoint directory. `vlm-engine COMMAND --help` explains each command."""
+
+EPILOG = """\
+examples:
+  vlm-engine caption examples/images -o captions.jsonl   caption a folder into JSONL, resumably
+  vlm-engine demo --port 7860                             web app at http://127.0.0.1:7860
+  vlm-engine generate examples/images                     print one answer per image"""
+
+CAPTION_DESCRIPTION = """\
+Caption many images into a JSONL or CSV file (one row per image: path, caption, error).
+Images go through the engine --batch-size at a time; an image the engine rejects (corrupt, not
+an image, missing) gets a row with its error ("CorruptImageError: ...") and the run goes on.
+Rerunning with the same output skips the images already in it, so an interrupted run resumes
+(a row cut off by the interruption is redone); delete a row to caption that image again.
+A summary (captioned, skipped, errors, elapsed, images/s) is printed at the end."""
+
+CAPTION_EPILOG = """\
+examples:
+  vlm-engine caption examples/images -o captions.jsonl
+  vlm-engine caption "photos/**/*.jpg" -o captions.csv --model ~/models/gemma-3-4b-it \\
+      --prompt "Describe the image in one sentence." --max-tokens 96
+  vlm-engine caption todo.txt -o captions.jsonl --temperature 0.7 --top-p 0.9 --seed 0"""
+
+DEMO_DESCRIPTION = """\
+Serve the Gradio web app: upload a picture, get its caption. Needs the app extra
+(pip install 'vlm_engine[app]'). It binds to 127.0.0.1, reachable from this machine only,
+unless --host says otherwise."""
+
+DEMO_EPILOG = """\
+examples:
+  vlm-engine demo                                      the demo model at http://127.0.0.1:7860
+  vlm-engine demo --model ~/models/gemma-3-4b-it --port 8080
+  vlm-engine demo --host 0.0.0.0                       reachable from other machines too"""
+
+GENERATE_DESCRIPTION = """\
+Answer a prompt about each image (files or folders), batched, greedy; prints one line per
+image: its file name, a tab, and the answer as a Python string literal."""
+
+GENERATE_EPILOG = """\
+examples:
+  vlm-engine generate examples/images
+  vlm-engine generate cat.jpg dog.png --model ~/models/gemma-3-4b-it --prompt "What animal?\""""
 
 
-@contextlib.contextmanager
-def model_dir(model: str | None) -> Iterator[Path]:
-    """The given checkpoint, or the built-in demo model that ships with the package (a small
-    Gemma3 trained to caption pictures of shapes; see `vlm_engine.demo`)."""
-    if model is not None:
-        yield Path(model)
-        return
-    from vlm_engine.demo import default_model_path
+# ---- caption -----------------------------------------------------------------------------------
 
-    yield default_model_path()
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+        summary = caption_sources(
+            args.inputs,
+            args.output,
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            format=args.format,
+            prompt=args.prompt,
+            params=params,
+            batch_size=args.batch_size,
+            use_tqdm=not args.quiet,
+        )
+    except USAGE_ERRORS as e:
+        args.parser.error(str(e))
+    print(f"{summary} -> {args.output}")
+    return 0
+
+
+def add_caption_parser(sub) -> None:
+    cap = sub.add_parser(
+        "caption",
+        help="caption a folder, glob or list of images into JSONL or CSV, resumably",
+        description=CAPTION_DESCRIPTION,
+        epilog=CAPTION_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cap.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="folders of images, glob patterns (quoted; ** recurses), list files (.txt/.lst, "
+        "one path per line, relative to the list's folder) or image files",
+    )
+    cap.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="the JSONL or CSV file to write (appended to)",
+    )
+    cap.add_argument(
+        "--format",
+        choices=("jsonl", "csv"),
+        help="output format (default: from the output's suffix, .jsonl or .csv)",
+    )
+    cap.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help="images per engine call; rows are written after each (default: %(default)s)",
+    )
+    add_model_options(cap)
+    cap.add_argument(
+        "--prompt",
+        default=DEMO_PROMPT,
+        help="the instruction after each image (default: %(default)r, the demo model's)",
+    )
+    cap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="most tokens per caption (default: %(default)s)",
+    )
+    cap.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)"
+    )
+    cap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
+    cap.add_argument("--top-k", type=int, default=0, help="0 disables top-k (default: 0)")
+    cap.add_argument("--seed", type=int, default=None, help="sampling seed of each request")
+    cap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cap.set_defaults(func=cmd_caption, parser=cap)
+
+
+# ---- demo --------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from vlm_engine import webapp  # gradio is optional and slow to import: only here
+    except ModuleNotFoundError as e:
+        if e.name != "gradio":
+            raise
+        args.parser.error("the web app needs gradio: pip install 'vlm_engine[app]'")
+    webapp.launch(
+        model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype
+    )
+    return 0
+
+
+def add_demo_parser(sub) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="serve the Gradio web app (upload a picture, get its caption)",
+        description=DEMO_DESCRIPTION,
+        epilog=DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_options(demo)
+    demo.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s, this machine only; 0.0.0.0 for every "
+        "interface)",
+    )
+    demo.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    demo.set_defaults(func=cmd_demo, parser=demo)
+
+
+# ---- generate ----------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    paths = image_paths(args.images)
+    engine = Engine(args.model or default_model_path(), device=args.device, dtype=args.dtype)
+    prompts = [chat_prompt(path, args.prompt) for path in paths]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    for path, out in zip(paths, engine.generate(prompts, params), strict=True):
+        print(f"{path.name}\t{out.text!r}")
+    return 0
 
 
 def image_paths(sources: list[str]) -> list[Path]:
@@ -39,43 +221,66 @@ def image_paths(sources: list[str]) -> list[Path]:
     return paths
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from vlm_engine import Engine, SamplingParams
-
-    paths = image_paths(args.images)
-    with model_dir(args.model) as path:
-        engine = Engine(path, device=args.device, dtype=args.dtype)
-    prompts = [chat_prompt(path, args.prompt) for path in paths]
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    for path, out in zip(paths, engine.generate(prompts, params), strict=True):
-        print(f"{path.name}\t{out.text!r}")
-    return 0
-
-
 def chat_prompt(image: Path, question: str) -> dict:
     content = [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]
     return {"messages": [{"role": "user", "content": content}]}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm-engine", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_generate_parser(sub) -> None:
     gen = sub.add_parser(
         "generate",
-        help="answer a prompt about each image (greedy)",
-        description="Answer a prompt about each image, greedy decoding.",
+        help="answer a prompt about each image, printing one line per image (greedy)",
+        description=GENERATE_DESCRIPTION,
+        epilog=GENERATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("images", nargs="+", help="image files or folders of images")
-    gen.add_argument("--model", help="HF Gemma3 checkpoint directory (default: built-in demo)")
+    add_model_options(gen)
     gen.add_argument(
         "--prompt",
         default=DEMO_PROMPT,
         help="question for every image (default: the one the demo model was trained on)",
     )
     gen.add_argument("--max-tokens", type=int, default=16, help="tokens to generate per image")
-    gen.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=cmd_generate, parser=gen)
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        help="HF Gemma3 checkpoint directory (default: the built-in demo model)",
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights and activations (default: auto, bfloat16 on a GPU, float32 on a CPU)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-engine",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_caption_parser(sub)
+    add_demo_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

@@ -1,0 +1,285 @@
+"""Batch captioning: many images through one engine into a JSONL or CSV file, resumably.
+
+    summary = caption_sources(["photos/"], "captions.jsonl")        # built-in demo model
+    summary = caption_images(engine, find_images(["*.png"]), "captions.csv", batch_size=64)
+
+Each image becomes one row: its path, its caption, and its error ("CorruptImageError: ...")
+when the engine rejected it; the run goes on past bad images. Rows are keyed by path: a run
+skips the images whose rows are already in the output file, so an interrupted run resumes
+where it stopped, and a last row cut off mid-write is dropped and redone.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm_engine.demo.model import DEMO_PROMPT, default_model_path, demo_request
+from vlm_engine.engine import Engine
+from vlm_engine.outputs import RequestOutput
+from vlm_engine.sampling_params import SamplingParams
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+LIST_SUFFIXES = {".txt", ".lst"}
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+FIELDS = ("path", "caption", "error")
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_BATCH_SIZE = 64
+
+
+class CaptionFileError(ValueError):
+    """The output's format is unknown, or the file holds something other than caption rows."""
+
+
+@dataclass(frozen=True)
+class CaptionSummary:
+    """What one run did; `elapsed_s` covers captioning, not starting the engine."""
+
+    num_captioned: int
+    num_skipped: int  # already in the output file
+    num_errors: int  # rows written with an error instead of a caption
+    elapsed_s: float
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.num_captioned + self.num_errors
+        return done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"captioned {self.num_captioned} images, skipped {self.num_skipped} already done, "
+            f"{self.num_errors} errors in {self.elapsed_s:.1f} s "
+            f"({self.images_per_second:.1f} images/s)"
+        )
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def find_images(sources: Iterable[str | Path]) -> list[Path]:
+    """The images each source names, in order, each once.
+
+    A source is a folder (its image files, sorted, not recursive), a glob pattern (sorted
+    matches; ``**`` recurses), a list file (.txt or .lst: one path per line, relative to the
+    list's folder; blank lines and ``#`` comments skipped), or else the path of one image.
+    A pattern that matches nothing raises FileNotFoundError.
+    """
+    paths: list[Path] = []
+    for source in sources:
+        paths += _expand(str(source))
+    return list(dict.fromkeys(paths))
+
+
+def _expand(source: str) -> list[Path]:
+    path = Path(source)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if glob.has_magic(source) and not path.exists():
+        matches = sorted(Path(p) for p in glob.glob(source, recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"no file matches {source!r}")
+        return [p for p in matches if p.is_file()]
+    if path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+        lines = (line.strip() for line in path.read_text().splitlines())
+        return [path.parent / line for line in lines if line and not line.startswith("#")]
+    return [path]
+
+
+# ---- the output file ---------------------------------------------------------------------------
+
+
+def output_format(path: str | Path, format: str | None = None) -> str:
+    """The file format, "jsonl" or "csv": `format` if given, else the one its suffix names."""
+    if format is None:
+        format = FORMATS.get(Path(path).suffix.lower())
+        if format is None:
+            raise CaptionFileError(
+                f"cannot tell the format of {str(path)!r} from its suffix; "
+                "name it .jsonl or .csv, or pass the format (jsonl or csv)"
+            )
+    if format not in ("jsonl", "csv"):
+        raise CaptionFileError(f"format must be 'jsonl' or 'csv', got {format!r}")
+    return format
+
+
+class CaptionFile:
+    """Caption rows in a JSONL or CSV file, appended batch by batch.
+
+    Opening it reads the rows already there (`done` holds their paths) and drops a last row
+    that an interrupted run cut off, so appending goes on from complete rows.
+    """
+
+    def __init__(self, path: str | Path, format: str | None = None):
+        self.path = Path(path)
+        self.format = output_format(self.path, format)
+        rows = self._read()
+        self.done = {row["path"] for row in rows}
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Write the rows in one go; a CSV file gets its header first."""
+        header = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", encoding="utf-8", newline="") as f:
+            f.write(self._serialize(rows, header))
+        self.done.update(row["path"] for row in rows)
+
+    def _serialize(self, rows: Sequence[dict[str, Any]], header: bool) -> str:
+        buffer = io.StringIO()
+        if self.format == "jsonl":
+            buffer.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        else:
+            writer = csv.writer(buffer, lineterminator="\n")
+            if header:
+                writer.writerow(FIELDS)
+            writer.writerows([row[name] or "" for name in FIELDS] for row in rows)
+        return buffer.getvalue()
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        # A row cut off mid-character decodes with a replacement character; it is dropped anyway.
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        parse = _parse_jsonl if self.format == "jsonl" else _parse_csv
+        try:
+            rows, complete = parse(text)
+        except (ValueError, csv.Error) as e:
+            raise CaptionFileError(
+                f"{self.path} is not a {self.format} caption file: {e}"
+            ) from None
+        if not complete:
+            self._rewrite(rows)
+        return rows
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the file with `rows` (written aside first: a crash keeps the old file)."""
+        aside = self.path.with_name(self.path.name + ".partial")
+        aside.write_text(self._serialize(rows, header=bool(rows)), encoding="utf-8", newline="")
+        os.replace(aside, self.path)
+
+
+def _parse_jsonl(text: str) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of complete lines, and whether the text ends with one (no cut-off tail)."""
+    *lines, tail = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                raise ValueError(f"line {number} is not a row with a path")
+            rows.append(row)
+    return rows, not tail.strip()
+
+
+def _parse_csv(text: str) -> tuple[list[dict[str, Any]], bool]:
+    """The complete rows, and whether there was no cut-off tail (a caption may span lines)."""
+    buffer = io.StringIO(text, newline="")
+    records = []
+    try:
+        for record in csv.reader(buffer, strict=True):
+            records.append(record)
+        complete = not text or text.endswith("\n")
+        if not complete and records:
+            records.pop()  # cut off after a field
+    except csv.Error:
+        if buffer.tell() < len(text):  # broken before the last line: not a cut-off tail
+            raise
+        complete = False  # cut off inside a quoted field; `records` holds the rows before it
+    if records and tuple(records[0]) != FIELDS:
+        raise ValueError(f"the header is {records[0]}, not {list(FIELDS)}")
+    for number, record in enumerate(records[1:], 2):
+        if len(record) != len(FIELDS):
+            raise ValueError(f"record {number} has {len(record)} fields, not {len(FIELDS)}")
+    return [dict(zip(FIELDS, record, strict=True)) for record in records[1:]], complete
+
+
+# ---- captioning --------------------------------------------------------------------------------
+
+
+def caption_images(
+    engine: Engine,
+    images: Sequence[str | Path],
+    output: str | Path,
+    prompt: str = DEMO_PROMPT,
+    params: SamplingParams | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    format: str | None = None,
+    use_tqdm: bool = False,
+) -> CaptionSummary:
+    """Caption each image not yet in `output`, `batch_size` images per `engine.generate` call,
+    appending one row per image after each batch. Greedy, `DEFAULT_MAX_TOKENS`, by default."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    params = params or SamplingParams(temperature=0, max_tokens=DEFAULT_MAX_TOKENS)
+    file = CaptionFile(output, format)
+    paths = list(dict.fromkeys(str(image) for image in images))
+    todo = [path for path in paths if path not in file.done]
+    start = time.perf_counter()
+    num_errors = 0
+    progress = _progress_bar(len(todo)) if use_tqdm else None
+    try:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            requests = [demo_request(path, prompt) for path in batch]
+            outputs = engine.generate(requests, params, on_error="return")
+            file.append([_row(path, out) for path, out in zip(batch, outputs, strict=True)])
+            num_errors += sum(out.error is not None for out in outputs)
+            if progress is not None:
+                progress.update(len(batch))
+    finally:
+        if progress is not None:
+            progress.close()
+    elapsed = time.perf_counter() - start
+    return CaptionSummary(len(todo) - num_errors, len(paths) - len(todo), num_errors, elapsed)
+
+
+def caption_sources(
+    sources: Iterable[str | Path],
+    output: str | Path,
+    model: str | Path | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    format: str | None = None,
+    **options: Any,
+) -> CaptionSummary:
+    """`caption_images` over `find_images(sources)` with an engine on `model` (default: the
+    built-in demo model), started only when some image is left to caption. `options` go to
+    `caption_images`. Raises FileNotFoundError when the sources name no image."""
+    sources = list(sources)
+    images = find_images(sources)
+    if not images:
+        raise FileNotFoundError("no images found in " + ", ".join(map(str, sources)))
+    done = CaptionFile(output, format).done
+    if all(str(image) in done for image in images):
+        return CaptionSummary(0, len(images), 0, 0.0)
+    engine = Engine(model or default_model_path(), device=device, dtype=dtype)
+    return caption_images(engine, images, output, format=format, **options)
+
+
+def _row(path: str, out: RequestOutput) -> dict[str, Any]:
+    if out.error is not None:
+        return {"path": path, "caption": None, "error": f"{type(out.error).__name__}: {out.error}"}
+    return {"path": path, "caption": out.text, "error": None}
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="captioning", unit="img", dynamic_ncols=True)
+
+
+__all__ = [
+    "CaptionFile",
+    "CaptionFileError",
+    "CaptionSummary",
+    "caption_images",
+    "caption_sources",
+    "find_images",
+    "output_format",
+]
