@@ -16,21 +16,27 @@ import glob
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlm_engine.demo.model import DEMO_PROMPT, default_model_path, demo_request
-from vlm_engine.engine import Engine
 from vlm_engine.outputs import RequestOutput
 from vlm_engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the engine (torch, transformers) loads only when one is started
+    from vlm_engine.engine import Engine
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 LIST_SUFFIXES = {".txt", ".lst"}
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 FIELDS = ("path", "caption", "error")
+# Where the engine saw a bad request ("prompts[3]: request 'req-41': "): meaningless in a row
+# keyed by path, and different from run to run, so left out of the row's error.
+_BATCH_CONTEXT = re.compile(r"^prompts\[\d+\]: request '[^']*': ")
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_BATCH_SIZE = 64
 
@@ -125,6 +131,7 @@ class CaptionFile:
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         """Write the rows in one go; a CSV file gets its header first."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         header = not self.path.exists() or self.path.stat().st_size == 0
         with open(self.path, "a", encoding="utf-8", newline="") as f:
             f.write(self._serialize(rows, header))
@@ -258,14 +265,17 @@ def caption_sources(
     done = CaptionFile(output, format).done
     if all(str(image) in done for image in images):
         return CaptionSummary(0, len(images), 0, 0.0)
-    engine = Engine(model or default_model_path(), device=device, dtype=dtype)
-    return caption_images(engine, images, output, format=format, **options)
+    from vlm_engine.engine import Engine
+
+    with Engine(model or default_model_path(), device=device, dtype=dtype) as engine:
+        return caption_images(engine, images, output, format=format, **options)
 
 
 def _row(path: str, out: RequestOutput) -> dict[str, Any]:
-    if out.error is not None:
-        return {"path": path, "caption": None, "error": f"{type(out.error).__name__}: {out.error}"}
-    return {"path": path, "caption": out.text, "error": None}
+    if out.error is None:
+        return {"path": path, "caption": out.text, "error": None}
+    message = _BATCH_CONTEXT.sub("", str(out.error))
+    return {"path": path, "caption": None, "error": f"{type(out.error).__name__}: {message}"}
 
 
 def _progress_bar(total: int):

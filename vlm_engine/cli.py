@@ -18,7 +18,6 @@ from vlm_engine.captioning import (
     caption_sources,
 )
 from vlm_engine.demo.model import DEMO_PROMPT, default_model_path
-from vlm_engine.engine import Engine
 from vlm_engine.errors import CheckpointError, ConfigError, InvalidSamplingParamsError
 from vlm_engine.sampling_params import SamplingParams
 
@@ -168,14 +167,15 @@ def add_caption_parser(sub) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        from vlm_engine import webapp  # gradio is optional and slow to import: only here
+        from vlm_engine import webapp  # gradio (optional, slow to import) only when asked for
+
+        webapp.launch(
+            model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype
+        )
     except ModuleNotFoundError as e:
         if e.name != "gradio":
             raise
         args.parser.error("the web app needs gradio: pip install 'vlm_engine[app]'")
-    webapp.launch(
-        model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype
-    )
     return 0
 
 
@@ -202,11 +202,14 @@ def add_demo_parser(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from vlm_engine.engine import Engine  # torch and transformers: not for --help
+
     paths = image_paths(args.images)
-    engine = Engine(args.model or default_model_path(), device=args.device, dtype=args.dtype)
     prompts = [chat_prompt(path, args.prompt) for path in paths]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    for path, out in zip(paths, engine.generate(prompts, params), strict=True):
+    with Engine(args.model or default_model_path(), device=args.device, dtype=args.dtype) as engine:
+        outputs = engine.generate(prompts, params)
+    for path, out in zip(paths, outputs, strict=True):
         print(f"{path.name}\t{out.text!r}")
     return 0
 
