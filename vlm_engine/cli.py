@@ -74,7 +74,7 @@ image: its file name, a tab, and the answer as a Python string literal."""
 GENERATE_EPILOG = """\
 examples:
   vlm-engine generate examples/images
-  vlm-engine generate cat.jpg dog.png --model ~/models/gemma-3-4b-it --prompt "What animal?\""""
+  vlm-engine generate cat.jpg dog.png --model ~/models/gemma-3-4b-it --prompt 'What animal?'"""
 
 
 # ---- caption -----------------------------------------------------------------------------------
