@@ -23,6 +23,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test n
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "examples" / "images" / "a_blue_square_center_gray_background.png"
+OTHER_IMAGE = REPO / "examples" / "images" / "three_red_stars_left_pink_background.png"
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps calling home.
 CHROMIUM_ARGS = [
@@ -103,14 +104,22 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def expected_answer():
-    """What the engine itself answers, greedy, with the app's default max tokens."""
+def expected_answers():
+    """What the engine itself answers for each picture, greedy, with the app's default max
+    tokens."""
     from vlm_engine import Engine, SamplingParams
     from vlm_engine.webapp import DEFAULT_MAX_TOKENS
 
+    images = [IMAGE, OTHER_IMAGE]
     with Engine(default_model_path()) as engine:
         params = SamplingParams(max_tokens=DEFAULT_MAX_TOKENS, temperature=0)
-        return engine.generate(demo_request(str(IMAGE), DEMO_PROMPT), params)[0].text
+        outs = engine.generate([demo_request(str(p), DEMO_PROMPT) for p in images], params)
+    return {path: out.text for path, out in zip(images, outs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def expected_answer(expected_answers):
+    return expected_answers[IMAGE]
 
 
 def test_binds_localhost_by_default(server):
@@ -171,6 +180,20 @@ def test_bad_upload_shows_the_typed_error_then_a_sample_is_answered(
     answer = page.locator("#answer textarea")
     sync_api.expect(answer).to_have_value(expected_answer, timeout=ANSWER_MS)
     page.close()
+
+
+def test_two_users_at_once_each_get_their_answer(server, browser, expected_answers):
+    url, _ = server
+    pages = {path: browser.new_page() for path in expected_answers}
+    for path, page in pages.items():
+        page.goto(url)
+        _upload(page, path)
+    for page in pages.values():
+        page.click("#ask")
+    for path, page in pages.items():
+        answer = page.locator("#answer textarea")
+        sync_api.expect(answer).to_have_value(expected_answers[path], timeout=ANSWER_MS)
+        page.close()
 
 
 # ---- helpers --------------------------------------------------------------------------------
