@@ -7,7 +7,11 @@ transformers measured in the same run:
      floor (bytes of weights read per decode step / measured device copy bandwidth);
   c. the vision tower alone: images/s.
 
-    python benchmarks/gpu_runtime.py [--only a,b,c] [--num-images 256] [--output-len 128]
+    python benchmarks/gpu_runtime.py [--only a,b,c,d] [--num-images 256] [--output-len 128]
+                                     [--core-process both|own|in]
+
+(a) and (b) run with the engine core in its own process (the default on a GPU) and in-process;
+(c) and (d) read the in-process engine's internals.
 """
 
 from __future__ import annotations
@@ -71,13 +75,41 @@ def hf_generate(model, processor, batch: list[Image.Image], output_len: int):
         )
 
 
-def bench_captioning(engine, hf, args) -> list[str]:
+def caption_seconds(engine, args) -> float:
     pics = images(args.num_images, seed=1)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, min_tokens=args.output_len)
     engine.generate([{"prompt": PROMPT, "images": [p]} for p in images(4, seed=9)], params)
-    ours, _ = timed(
+    return timed(
         lambda: engine.generate([{"prompt": PROMPT, "images": [p]} for p in pics], params)
-    )
+    )[0]
+
+
+def single_stream_ms(engine, args) -> tuple[float, float]:
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, min_tokens=args.output_len)
+    engine.generate({"prompt": PROMPT, "images": [images(1, seed=8)[0]]}, params)
+    runs = [
+        engine.generate({"prompt": PROMPT, "images": [im]}, params)[0] for im in images(3, seed=3)
+    ]
+    ttft = statistics.median(o.time_to_first_token for o in runs) * 1e3
+    tpot = statistics.median(o.time_per_output_token for o in runs) * 1e3
+    return ttft, tpot
+
+
+def bench_own_process(path: Path, args) -> dict[str, object]:
+    """(a) and (b) with the core in its own process; transformers is compared later."""
+    engine = make_engine(path, args, core_process=True)
+    results: dict[str, object] = {}
+    if "a" in args.only:
+        results["a"] = caption_seconds(engine, args)
+    if "b" in args.only:
+        results["b"] = single_stream_ms(engine, args)
+    engine.close()
+    return results
+
+
+def bench_captioning(engine, hf, args, own=None) -> list[str]:
+    pics = images(args.num_images, seed=1)
+    ours = caption_seconds(engine, args)
     hf_generate(*hf, images(2, seed=9), 4)
     theirs, _ = timed(
         lambda: [
@@ -86,12 +118,17 @@ def bench_captioning(engine, hf, args) -> list[str]:
         ]
     )
     n, tokens = len(pics), len(pics) * args.output_len
-    return [
-        f"| a. captioning {n} images x {args.output_len} tokens | images/s | "
-        f"{n / ours:.2f} | {n / theirs:.2f} | {theirs / ours:.2f}x |",
-        f"| | output tokens/s | {tokens / ours:.0f} | {tokens / theirs:.0f} | "
-        f"{theirs / ours:.2f}x |",
-    ]
+    rows = []
+    for label, seconds in (("core in-process", ours), ("core in own process", own)):
+        if seconds is None:
+            continue
+        rows += [
+            f"| a. captioning {n} images x {args.output_len} tokens, {label} | images/s | "
+            f"{n / seconds:.2f} | {n / theirs:.2f} | {theirs / seconds:.2f}x |",
+            f"| | output tokens/s | {tokens / seconds:.0f} | {tokens / theirs:.0f} | "
+            f"{theirs / seconds:.2f}x |",
+        ]
+    return rows
 
 
 def bandwidth_floor_ms(engine) -> tuple[float, float]:
@@ -105,30 +142,34 @@ def bandwidth_floor_ms(engine) -> tuple[float, float]:
     return weight_bytes / bandwidth * 1e3, bandwidth / 1e9
 
 
-def bench_single_stream(engine, hf, args) -> list[str]:
+def bench_single_stream(engine, hf, args, own=None) -> list[str]:
     pic = images(1, seed=2)[0]
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, min_tokens=args.output_len)
-    engine.generate({"prompt": PROMPT, "images": [images(1, seed=8)[0]]}, params)
-    runs = [
-        engine.generate({"prompt": PROMPT, "images": [im]}, params)[0] for im in images(3, seed=3)
-    ]
-    ttft = statistics.median(o.time_to_first_token for o in runs) * 1e3
-    tpot = statistics.median(o.time_per_output_token for o in runs) * 1e3
+    ttft, tpot = single_stream_ms(engine, args)
     hf_generate(*hf, [pic], 2)
     hf_first = statistics.median(timed(lambda: hf_generate(*hf, [pic], 1))[0] for _ in range(3))
     hf_full, _ = timed(lambda: hf_generate(*hf, [pic], args.output_len))
     hf_tpot = (hf_full - hf_first) / (args.output_len - 1) * 1e3
     floor, bandwidth = bandwidth_floor_ms(engine)
+    rows = []
+    for label, (first, per_token) in (
+        ("core in-process", (ttft, tpot)),
+        ("core in own process", own or (None, None)),
+    ):
+        if first is None:
+            continue
+        rows += [
+            f"| b. single stream, {label} | time to first token (ms) | {first:.1f} | "
+            f"{hf_first * 1e3:.1f} | {hf_first * 1e3 / first:.2f}x |",
+            f"| | decode ms/token | {per_token:.2f} | {hf_tpot:.2f} | {hf_tpot / per_token:.2f}x "
+            f"(floor {per_token / floor:.2f}x) |",
+        ]
     return [
-        f"| b. single stream | time to first token (ms) | {ttft:.1f} | {hf_first * 1e3:.1f} | "
-        f"{hf_first * 1e3 / ttft:.2f}x |",
-        f"| | decode ms/token | {tpot:.2f} | {hf_tpot:.2f} | {hf_tpot / tpot:.2f}x |",
-        f"| | bandwidth floor ms/token ({bandwidth:.0f} GB/s copy) | {floor:.2f} | | "
-        f"ours {tpot / floor:.2f}x the floor |",
+        *rows,
+        f"| | bandwidth floor ms/token ({bandwidth:.0f} GB/s copy) | {floor:.2f} | | |",
     ]
 
 
-def bench_vision(engine, hf, args) -> list[str]:
+def bench_vision(engine, hf, args, own=None) -> list[str]:
     processor = engine.input_processor.image_processor
     pixels = torch.cat([processor.preprocess(im).pixel_values for im in images(args.vision_batch)])
     pixels = pixels.to("cuda", torch.bfloat16)
@@ -147,7 +188,7 @@ def bench_vision(engine, hf, args) -> list[str]:
     ]
 
 
-def bench_host_overhead(engine, hf, args) -> list[str]:
+def bench_host_overhead(engine, hf, args, own=None) -> list[str]:
     """Per-step host time at 256 running text requests (decode steps dominate)."""
     params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
     prompts = [f"Request {i}: describe a quiet street at night." for i in range(256)]
@@ -170,9 +211,25 @@ def bench_host_overhead(engine, hf, args) -> list[str]:
     ]
 
 
+def make_engine(path: Path, args, core_process: bool) -> Engine:
+    # Half the GPU for the engine: transformers runs in the same process beside it.
+    return Engine(
+        path,
+        device="cuda",
+        load_format="dummy",
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        encoder_compute_budget=args.encoder_compute_budget,
+        max_model_len=4096,
+        gpu_memory_utilization=0.5,
+        core_process=core_process,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="a,b,c,d")
+    parser.add_argument("--core-process", choices=("both", "own", "in"), default="both")
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=64)
@@ -183,17 +240,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_checkpoint(Path(tmp) / "gemma3-4b-shape", **GEMMA3_4B)
-        # Half the GPU for the engine: transformers runs in the same process beside it.
-        engine = Engine(
-            path,
-            device="cuda",
-            load_format="dummy",
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            encoder_compute_budget=args.encoder_compute_budget,
-            max_model_len=4096,
-            gpu_memory_utilization=0.5,
-        )
+        own = bench_own_process(path, args) if args.core_process != "in" else {}
+        engine = make_engine(path, args, core_process=False)
         hf = hf_model(path)
         rows = []
         for part, bench in (
@@ -203,7 +251,7 @@ def main() -> None:
             ("d", bench_host_overhead),
         ):
             if part in args.only.split(","):
-                new_rows = bench(engine, hf, args)
+                new_rows = bench(engine, hf, args, own.get(part))
                 print("\n".join(new_rows), flush=True)
                 rows += new_rows
     print(f"\nGemma3-4B shape, random bf16 weights, {torch.cuda.get_device_name()}")

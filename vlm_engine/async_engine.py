@@ -9,7 +9,10 @@ unfinished and hands each step's outputs to the queue of the request they belong
 into the `Engine` (adding, stepping, aborting) runs on one worker thread, one at a time, so the
 event loop never blocks on image preprocessing or a model step and the engine never sees two
 calls at once. A consumer that stops early (cancelled, `break`, an exception) aborts its
-request, which frees its KV blocks and image references.
+request, which frees its KV blocks and image references: at once when it closes the stream
+(`contextlib.aclosing`), otherwise when the event loop finalizes the abandoned generator, a moment
+later. With `core_process` the `Engine` underneath talks to a core in its own process, and a core
+that dies ends every pending stream with `EngineDeadError`.
 """
 
 from __future__ import annotations
@@ -22,16 +25,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vlm_engine.engine import Engine
+from vlm_engine.errors import EngineDeadError
 from vlm_engine.frontend.input_processor import Prompt
 from vlm_engine.outputs import RequestOutput
 from vlm_engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("vlm_engine")
 T = TypeVar("T")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine failed while running a step; requests in flight end with this error."""
 
 
 class AsyncEngine:

@@ -21,25 +21,26 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from transformers import AutoTokenizer
 
-from vlm_engine.caches.ec_connector import make_connector, model_fingerprint
 from vlm_engine.config import ModelConfig
+from vlm_engine.core.core_client import CoreProcess
 from vlm_engine.core.engine_core import EngineCore
+from vlm_engine.core.launch import build_core, make_image_processor, resolve_device
 from vlm_engine.core.request import RequestStatus
 from vlm_engine.engine_config import EngineConfig
-from vlm_engine.errors import InputTypeError, InvalidInputError, RequestIdInUseError
+from vlm_engine.errors import (
+    EngineDeadError,
+    InputTypeError,
+    InvalidInputError,
+    RequestIdInUseError,
+)
 from vlm_engine.frontend.input_processor import InputProcessor, Prompt
 from vlm_engine.frontend.output_processor import OutputProcessor
-from vlm_engine.models.loader import load_model
 from vlm_engine.outputs import RequestOutput
-from vlm_engine.runtime.memory import plan_num_kv_blocks
 from vlm_engine.sampling_params import SamplingParams
-from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
 
 logger = logging.getLogger("vlm_engine")
-_DEFAULT_MAX_MODEL_LEN = 8192
 OnError = Literal["raise", "return"]
 _ON_ERROR = ("raise", "return")
 
@@ -49,45 +50,32 @@ class Engine:
         self.config = EngineConfig.from_options(**options)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.model_config = ModelConfig.from_hf(self.checkpoint_dir)
-        device = torch.device(
-            self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        in_process = self.config.core_process is False or (
+            self.config.core_process is None and resolve_device(self.config).type != "cuda"
         )
-        dtype = self.config.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" else "float32"
-        used_before_load = 0
-        if device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            used_before_load = total - free
-        model = load_model(
-            self.model_config,
-            self.checkpoint_dir,
-            dtype=dtype,
-            device=device,
-            load_format=self.config.load_format,
-        )
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            str(self.checkpoint_dir), local_files_only=True
-        )
-        wanted_len = self._wanted_max_model_len()
-        num_blocks = plan_num_kv_blocks(model, self.config, wanted_len, used_before_load)
-        self.max_model_len = self._max_model_len(wanted_len, num_blocks)
-        image_processor = self._image_processor()
+        self._closed = False
+        self.core: EngineCore | CoreProcess
+        if in_process:
+            self.core = build_core(self.checkpoint_dir, self.config)
+        else:  # the core builds the model while the tokenizer loads here
+            self.core = CoreProcess(self.checkpoint_dir, self.config)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                str(self.checkpoint_dir), local_files_only=True
+            )
+            if isinstance(self.core, CoreProcess):
+                self.core.wait_ready()
+        except BaseException:
+            self.core.close()
+            raise
+        self.max_model_len = self.core.max_model_len
         self.input_processor = InputProcessor(
             self.model_config,
             self.tokenizer,
-            image_processor,
+            make_image_processor(self.model_config, self.checkpoint_dir, self.config),
             model_id=str(self.checkpoint_dir.resolve()),
             engine_config=self.config,
             max_model_len=self.max_model_len,
-        )
-        self.connector = None
-        if self.config.ec_connector:  # entries are keyed by the model's fingerprint
-            fingerprint = model_fingerprint(self.checkpoint_dir, dtype)
-            self.connector = make_connector(self.config.ec_connector, fingerprint)
-        normalize = image_processor.normalize if image_processor is not None else None
-        self.core = EngineCore(
-            model, self.config, num_blocks, self.max_model_len, self.connector, normalize
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -99,6 +87,11 @@ class Engine:
             "prompt_tokens": 0,
             "generated_tokens": 0,
         }
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once the engine is closed or its core process has failed or exited."""
+        return not self._closed and getattr(self.core, "is_alive", True)
 
     # ---- low-level loop ----------------------------------------------------------------------
 
@@ -125,10 +118,12 @@ class Engine:
             self._counters["rejected"] += 1
             e.add_context(f"request {request_id!r}")
             raise
+        if self._closed:
+            raise EngineDeadError("the engine is closed")
+        self.core.add_request(request)
         self.output_processor.add_request(
             request_id, text, params, request.num_prompt_tokens, request.arrival_time, stream
         )
-        self.core.add_request(request)
         self._counters["requests"] += 1
         self._counters["prompt_tokens"] += request.num_prompt_tokens
         return request_id
@@ -262,22 +257,15 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         core = self.core.stats()
-        kv = self.core.kv_manager
         processor = self.input_processor
         hasher = processor.hasher.stats() if processor.hasher is not None else {}
-        connector = self.connector.stats() if self.connector is not None else {"enabled": False}
         prefix = core.pop("prefix_cache")
         prefix["misses"] = prefix["queries"] - prefix["hits"]
         return {
             "processor_cache": {**processor.processor_cache.stats(), **hasher},
-            "ec_connector": connector,
+            "ec_connector": core.pop("ec_connector"),
             "prefix_cache": prefix,
-            "kv_cache": {
-                "usage": core.pop("kv_cache_usage"),
-                "num_blocks": kv.num_blocks,
-                "block_size": kv.block_size,
-                "num_free_blocks": kv.num_free_blocks,
-            },
+            "kv_cache": core.pop("kv_cache"),
             "encoder_cache": core.pop("encoder_cache"),
             "vision_encoder": core.pop("vision_encoder"),
             "scheduler": core,
@@ -286,7 +274,7 @@ class Engine:
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached KV block; only possible (True) when no request is running."""
-        return self.core.kv_manager.reset_prefix_cache()
+        return self.core.reset_prefix_cache()
 
     def reset_mm_cache(self) -> None:
         """Drop cached image data: preprocessed pixels, file-hash memo, and every image embedding
@@ -295,42 +283,19 @@ class Engine:
         self.core.evict_unreferenced_encoder_outputs()
 
     def close(self) -> None:
-        """Abort what is left, finish pending connector saves, release the KV cache."""
+        """Abort what is left, finish pending connector saves, release the KV cache, and stop
+        the core process if there is one. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         self.abort_request(list(self.output_processor.states))
-        if self.connector is not None:
-            self.connector.close()
-        self.core.runner.kv_caches = []
+        self.core.close()
 
     def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ---- set-up helpers ----------------------------------------------------------------------
-
-    def _image_processor(self) -> Gemma3ImageProcessor | None:
-        if not self.model_config.is_multimodal:
-            return None
-        config = ImageProcessorConfig.from_pretrained(self.checkpoint_dir)
-        if self.config.processor_options:
-            config = config.with_overrides(**self.config.processor_options)
-        return Gemma3ImageProcessor(config)
-
-    def _wanted_max_model_len(self) -> int:
-        limit = min(self.model_config.text.max_position_embeddings, _DEFAULT_MAX_MODEL_LEN)
-        return self.config.max_model_len or limit
-
-    def _max_model_len(self, wanted: int, num_blocks: int) -> int:
-        capacity = num_blocks * self.config.block_size
-        if wanted > capacity:
-            logger.warning(
-                "max_model_len %d exceeds the KV cache (%d tokens); using %d",
-                wanted,
-                capacity,
-                capacity,
-            )
-        return min(wanted, capacity)
 
 
 def _as_list(prompts: Prompt | Iterable[Prompt]) -> list[Any]:

@@ -28,6 +28,7 @@ class EngineConfig:
     max_image_pixels: int | None = 64 * 2**20  # larger images are rejected (decompression bombs)
     max_images_per_prompt: int | None = None  # more images are rejected; None: max_model_len bounds
     scheduling_policy: str = "fcfs"  # or "priority" (lower value first)
+    core_process: bool | None = None  # engine core in its own process; None: on a GPU only
     seed: int | None = None  # seeds unseeded sampling; None: fresh entropy
     processor_options: dict[str, Any] = field(default_factory=dict)  # e.g. do_pan_and_scan
 
@@ -62,6 +63,8 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
+        if self.core_process not in (None, True, False):
+            raise ValueError(f"core_process must be True, False or None, got {self.core_process!r}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(
                 f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}"

@@ -28,6 +28,11 @@ class VlmEngineError(Exception):
     """Base of every error raised on purpose by vlm_engine."""
 
 
+class EngineDeadError(VlmEngineError, RuntimeError):
+    """The engine can serve no more: its core failed or exited, or it was closed. Requests in
+    flight end with this error, and `is_healthy` turns False."""
+
+
 class ConfigError(VlmEngineError, ValueError):
     """A checkpoint configuration is malformed or lacks a required field."""
 

@@ -21,8 +21,15 @@ def checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=2)
 
 
-def make_engine(checkpoint) -> AsyncEngine:
-    return AsyncEngine(checkpoint, device="cpu", dtype="float32", block_size=8)
+def make_engine(checkpoint, core_process: bool = False) -> AsyncEngine:
+    return AsyncEngine(
+        checkpoint, device="cpu", dtype="float32", block_size=8, core_process=core_process
+    )
+
+
+both_cores = pytest.mark.parametrize(
+    "core_process", [False, True], ids=["in-process", "core-process"]
+)
 
 
 async def collect(engine: AsyncEngine, prompt, params) -> tuple[list[int], str, int]:
@@ -34,7 +41,8 @@ async def collect(engine: AsyncEngine, prompt, params) -> tuple[list[int], str, 
     return tokens, text, num_items
 
 
-def test_concurrent_streams_match_the_blocking_engine(checkpoint):
+@both_cores
+def test_concurrent_streams_match_the_blocking_engine(checkpoint, core_process):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [
         *PROMPTS,
@@ -42,7 +50,7 @@ def test_concurrent_streams_match_the_blocking_engine(checkpoint):
     ]
 
     async def run():
-        async with make_engine(checkpoint) as engine:
+        async with make_engine(checkpoint, core_process) as engine:
             results = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
             expected = engine.engine.generate(prompts, params)  # same engine, after the streams
             assert engine.engine.core.all_blocks_free()
@@ -54,7 +62,8 @@ def test_concurrent_streams_match_the_blocking_engine(checkpoint):
         assert num_items > 1  # streamed, not delivered at the end
 
 
-def test_cancelled_consumer_aborts_and_frees(checkpoint):
+@both_cores
+def test_cancelled_consumer_aborts_and_frees(checkpoint, core_process):
     long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     short = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
@@ -65,7 +74,7 @@ def test_cancelled_consumer_aborts_and_frees(checkpoint):
                 await asyncio.sleep(3600)  # parked until cancelled
 
     async def run():
-        async with make_engine(checkpoint) as engine:
+        async with make_engine(checkpoint, core_process) as engine:
             seen: list = []
             task = asyncio.create_task(consume_three(engine, seen))
             other = asyncio.create_task(collect(engine, PROMPTS[1], short))
@@ -75,7 +84,12 @@ def test_cancelled_consumer_aborts_and_frees(checkpoint):
             with pytest.raises(asyncio.CancelledError):
                 await task
             tokens, _, _ = await other  # the other caller is not disturbed
-            stats = await engine.stats()
+            # The loop closes the abandoned generator (its `finally` aborts) a moment later.
+            for _ in range(500):
+                stats = await engine.stats()
+                if stats["requests"]["aborted"]:
+                    break
+                await asyncio.sleep(0.01)
             free = await engine._call(engine.engine.core.all_blocks_free)
             return seen, tokens, stats, free
 

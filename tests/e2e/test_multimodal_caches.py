@@ -87,7 +87,7 @@ def test_a_corrupt_entry_is_a_miss(checkpoint, tmp_path):
     with Engine(checkpoint, **OPTIONS, ec_connector=spec) as first:
         (expected,) = first.generate(image_prompt(30), GREEDY)
         (mm_hash,) = first.core.runner.encoder.cache
-        fingerprint = first.connector.fingerprint
+        fingerprint = first.core.connector.fingerprint
     key = entry_key(fingerprint, mm_hash)
     import diskcache
 
@@ -105,7 +105,7 @@ def test_two_engines_share_one_redis(checkpoint, redis_server):
     a = Engine(checkpoint, **OPTIONS, ec_connector=redis_server.url)
     b = Engine(checkpoint, **OPTIONS, ec_connector=redis_server.url)
     (from_a,) = a.generate(image_prompt(40), GREEDY)
-    a.connector.flush()
+    a.core.connector.flush()
     (from_b,) = b.generate(image_prompt(40), GREEDY)
     assert encoded(a) == 1 and encoded(b) == 0
     assert from_a.token_ids == from_b.token_ids
@@ -155,7 +155,7 @@ def test_outputs_do_not_depend_on_any_cache(checkpoint, tmp_path):
     every = Engine(checkpoint, **OPTIONS, ec_connector=f"disk:{tmp_path / 'ec'}")
     expected = [o.token_ids for o in none.generate(prompts, GREEDY)]
     assert [o.token_ids for o in every.generate(prompts, GREEDY)] == expected
-    every.connector.flush()
+    every.core.connector.flush()
     again = Engine(checkpoint, **OPTIONS, ec_connector=f"disk:{tmp_path / 'ec'}")
     assert [o.token_ids for o in again.generate(prompts, GREEDY)] == expected
     distinct = {id(image) for p in prompts for image in p["images"]}

@@ -42,6 +42,8 @@ class EngineCore:
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.config = config
+        self.max_model_len = max_model_len
+        self.connector = connector
         self.kv_manager = KVCacheManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -115,14 +117,32 @@ class EngineCore:
         self.scheduler.encoder_cache.evict_unreferenced()
         self.runner.drop_encoder_outputs(self.scheduler.encoder_cache.take_freed())
 
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_manager.reset_prefix_cache()
+
     def stats(self) -> dict[str, object]:
         stats = self.scheduler.stats()
+        kv = self.kv_manager
+        stats["kv_cache"] = {
+            "usage": stats.pop("kv_cache_usage"),
+            "num_blocks": kv.num_blocks,
+            "block_size": kv.block_size,
+            "num_free_blocks": kv.num_free_blocks,
+        }
+        connector = self.connector
+        stats["ec_connector"] = connector.stats() if connector is not None else {"enabled": False}
         stats["num_steps"] = self.num_steps
         stats["vision_encoder"] = self.runner.encoder.stats()
         steps = max(self.num_steps, 1)
         seconds = {**self.step_seconds, "prepare_inputs": self.runner.prepare_seconds}
         stats["step_time_ms"] = {k: v / steps * 1e3 for k, v in seconds.items()}
         return stats
+
+    def close(self) -> None:
+        """Finish pending connector saves and release the KV cache."""
+        if self.connector is not None:
+            self.connector.close()
+        self.runner.kv_caches = []
 
     def all_blocks_free(self) -> bool:
         encoder = self.scheduler.encoder_cache

@@ -1,8 +1,8 @@
 """What crosses the boundary between the frontend and an engine core in another process.
 
-A message is a list of frames: a msgpack header with plain values only (ints, floats, strings,
-lists, maps), then one raw frame per tensor (image pixels), which the receiver wraps without a
-copy. Nothing is ever pickled: a malformed message fails to decode with `MessageError` and can
+A message is a list of frames: its kind (below), a msgpack header with plain values only (ints,
+floats, strings, lists, maps), then one raw frame per tensor (image pixels), which the receiver
+wraps without a copy. Nothing is ever pickled: a malformed message fails to decode with `MessageError` and can
 execute nothing.
 """
 
@@ -24,6 +24,16 @@ from vlm_engine.runtime.forward_context import ImageGroup
 from vlm_engine.sampling_params import SamplingParams
 
 Frames = list[bytes | memoryview]
+
+# The first frame of every message names its kind.
+ADD = b"add"  # frontend -> core: a request (header + pixel frames)
+ABORT = b"abort"  # frontend -> core: {"ids": [...], "status": RequestStatus name}
+CALL = b"call"  # frontend -> core: {"id": n, "method": name}; answered by a REPLY
+SHUTDOWN = b"shutdown"  # frontend -> core: finish and exit
+READY = b"ready"  # core -> frontend: {"max_model_len": n, "num_blocks": n}
+OUTPUTS = b"outputs"  # core -> frontend: one step's outputs
+REPLY = b"reply"  # core -> frontend: {"id": n, "result": value}
+FAILED = b"failed"  # core -> frontend: {"type", "message", "traceback"}; the core exits
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 

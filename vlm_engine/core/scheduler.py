@@ -233,6 +233,7 @@ class Scheduler:
 
     def stats(self) -> dict[str, object]:
         return {
+            "num_requests": len(self.requests),  # running, waiting, or finished this step
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
             "num_preemptions": self.num_preemptions,
