@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +29,7 @@ from vlm_engine.config import ModelConfig
 from vlm_engine.core.core_client import CoreProcess
 from vlm_engine.core.engine_core import EngineCore
 from vlm_engine.core.launch import build_core, make_image_processor, resolve_device
-from vlm_engine.core.request import RequestStatus
+from vlm_engine.core.request import Request, RequestStatus
 from vlm_engine.engine_config import EngineConfig
 from vlm_engine.errors import (
     EngineDeadError,
@@ -79,6 +81,8 @@ class Engine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self._frontend_threads = min(8, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None  # preprocesses the prompts of a batch call
         self._counters = {
             "requests": 0,
             "rejected": 0,
@@ -106,27 +110,55 @@ class Engine:
     ) -> str:
         """Queue a request and return its id. Bad input raises an `InvalidInputError` subclass
         (a `ValueError`) whose message names the request and the problem, and queues nothing."""
-        params = SamplingParams() if sampling_params is None else sampling_params
         request_id = f"req-{next(self._ids)}" if request_id is None else request_id
-        arrival_time = time.monotonic()  # the clock starts before images are loaded
         try:
-            self._check_request_id(request_id)
-            request, text = self.input_processor.process(
+            processed = self._process(
+                request_id, prompt, sampling_params, priority, cache_salt, check_id=True
+            )
+        except InvalidInputError:
+            self._counters["rejected"] += 1
+            raise
+        self._enqueue(*processed, stream)
+        return request_id
+
+    def _process(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        arrival_time: float | None = None,
+        check_id: bool = False,
+    ) -> tuple[Request, str]:
+        """Load, check and preprocess one prompt; queue nothing. Safe on several threads (ids
+        are checked against the queued requests only when `check_id`, on the caller's thread)."""
+        params = SamplingParams() if params is None else params
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        try:  # the clock started before images are loaded
+            if check_id:
+                self._check_request_id(request_id)
+            return self.input_processor.process(
                 request_id, prompt, params, priority, cache_salt, arrival_time
             )
         except InvalidInputError as e:
-            self._counters["rejected"] += 1
             e.add_context(f"request {request_id!r}")
             raise
+
+    def _enqueue(self, request: Request, text: str, stream: bool) -> None:
         if self._closed:
             raise EngineDeadError("the engine is closed")
         self.core.add_request(request)
         self.output_processor.add_request(
-            request_id, text, params, request.num_prompt_tokens, request.arrival_time, stream
+            request.request_id,
+            text,
+            request.sampling_params,
+            request.num_prompt_tokens,
+            request.arrival_time,
+            stream,
         )
         self._counters["requests"] += 1
         self._counters["prompt_tokens"] += request.num_prompt_tokens
-        return request_id
 
     def _check_request_id(self, request_id: str) -> None:
         if not isinstance(request_id, str):
@@ -164,9 +196,10 @@ class Engine:
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in input order.
 
-        Every prompt is checked before any runs. A bad one (an `InvalidInputError`) is raised
-        with `on_error="raise"`, and nothing runs; with `on_error="return"` its output carries
-        the error (`error` set, `finish_reason="error"`, no text) and the others run as usual.
+        Prompts are preprocessed on a pool of frontend threads and queued in order. A bad one (an
+        `InvalidInputError`) is raised with `on_error="raise"`, and the prompts queued before it
+        are aborted; with `on_error="return"` its output carries the error (`error` set,
+        `finish_reason="error"`, no text) and the others run as usual.
         """
         entries = self._add_all(prompts, sampling_params, stream=False, on_error=on_error)
         ids = [e for e in entries if isinstance(e, str)]
@@ -218,26 +251,54 @@ class Engine:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
+        ids = [f"req-{next(self._ids)}" for _ in prompts]
         entries: list[str | RequestOutput] = []
+        processed = self._process_all(ids, prompts, params)
         try:
-            for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-                entries.append(self._add_one(index, prompt, p, stream, on_error))
+            for index, (request_id, result) in enumerate(zip(ids, processed, strict=True)):
+                if isinstance(result, InvalidInputError):
+                    self._counters["rejected"] += 1
+                    result.add_context(f"prompts[{index}]")
+                    if on_error == "raise":
+                        raise result
+                    entries.append(RequestOutput.from_error(request_id, result))
+                else:
+                    self._enqueue(*result, stream)
+                    entries.append(request_id)
         except BaseException:
+            processed.close()  # prompts not yet preprocessed are dropped
             self.abort_request([e for e in entries if isinstance(e, str)])  # nothing stays queued
             raise
         return entries
 
-    def _add_one(
-        self, index: int, prompt: Prompt, params: Any, stream: bool, on_error: OnError
-    ) -> str | RequestOutput:
-        request_id = f"req-{next(self._ids)}"
+    def _process_all(
+        self, ids: list[str], prompts: list[Any], params: list[Any]
+    ) -> Generator[tuple[Request, str] | InvalidInputError, None, None]:
+        """Each prompt preprocessed (or its input error), in order. Several prompts are loaded
+        and preprocessed on a pool of threads (image decoding and resizing release the GIL), so
+        that the first can be queued, and a core process can start on it, before the last is
+        ready."""
+        arrival_time = time.monotonic()
+
+        def process(job: tuple[str, Prompt, Any]) -> tuple[Request, str] | InvalidInputError:
+            try:
+                return self._process(*job[:2], job[2], arrival_time=arrival_time)
+            except InvalidInputError as e:
+                return e
+
+        jobs = list(zip(ids, prompts, params, strict=True))
+        if len(jobs) < 2 or self._frontend_threads < 2:
+            yield from map(process, jobs)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._frontend_threads, "vlm-frontend")
+        futures = [self._pool.submit(process, job) for job in jobs]
         try:
-            return self.add_request(prompt, params, request_id=request_id, stream=stream)
-        except InvalidInputError as e:
-            e.add_context(f"prompts[{index}]")
-            if on_error == "raise":
-                raise
-            return RequestOutput.from_error(request_id, e)
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
     def _run(self, ids: list[str]) -> Iterator[RequestOutput]:
         pending = set(ids)
@@ -289,6 +350,8 @@ class Engine:
             return
         self._closed = True
         self.abort_request(list(self.output_processor.states))
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self.core.close()
 
     def __enter__(self) -> Engine:

@@ -3,11 +3,13 @@
 A hit skips decoding, pan-and-scan, resizing and normalizing an image seen before. An entry's
 size is the ``nbytes`` of its ``pixel_values``. Entries are stored as given (CPU tensors, no
 copy) and handed out as stored: callers must treat them as read-only, since mutating one
-changes what every later hit returns. Not thread-safe: one cache per frontend thread.
+changes what every later hit returns. Thread-safe: the frontend preprocesses the prompts of one
+batch call on several threads.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 from vlm_engine.vision.image_processor import ProcessedImage
@@ -25,6 +27,7 @@ class ProcessorCache:
         self.num_hits = 0
         self.num_misses = 0
         self.num_evictions = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -35,13 +38,14 @@ class ProcessorCache:
 
     def get(self, mm_hash: str) -> ProcessedImage | None:
         """The cached entry (now most recently used), or None on a miss."""
-        entry = self._entries.get(mm_hash)
-        if entry is None:
-            self.num_misses += 1
-            return None
-        self._entries.move_to_end(mm_hash)
-        self.num_hits += 1
-        return entry[0]
+        with self._lock:
+            entry = self._entries.get(mm_hash)
+            if entry is None:
+                self.num_misses += 1
+                return None
+            self._entries.move_to_end(mm_hash)
+            self.num_hits += 1
+            return entry[0]
 
     def put(self, mm_hash: str, processed: ProcessedImage) -> bool:
         """Store an entry, evicting the least recently used until it fits; False if not stored.
@@ -52,16 +56,18 @@ class ProcessorCache:
         size = processed.pixel_values.nbytes
         if self.max_bytes == 0 or size > self.max_bytes:
             return False
-        self._discard(mm_hash)
-        while self.num_bytes + size > self.max_bytes:
-            self._evict_oldest()
-        self._entries[mm_hash] = (processed, size)
-        self.num_bytes += size
+        with self._lock:
+            self._discard(mm_hash)
+            while self.num_bytes + size > self.max_bytes:
+                self._evict_oldest()
+            self._entries[mm_hash] = (processed, size)
+            self.num_bytes += size
         return True
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.num_bytes = 0
+        with self._lock:
+            self._entries.clear()
+            self.num_bytes = 0
 
     def stats(self) -> dict[str, int]:
         return {

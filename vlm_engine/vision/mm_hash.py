@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import asdict
 
@@ -87,7 +88,7 @@ class ImageHasher:
     or a path/bytes decoded on a memo miss) so the caller need not decode again; ``None`` means
     the caller must ``load_image(source, max_pixels)`` itself if it needs the pixels. Bad images
     raise an ``InvalidImageError`` subclass (see ``load_image``); a failed decode is not
-    remembered. Not thread-safe: use one hasher per thread.
+    remembered. Thread-safe: the memo is guarded by a lock; decoding and hashing run outside it.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class ImageHasher:
         self.num_memo_hits = 0
         self.num_memo_misses = 0
         self.num_decoded = 0
+        self._lock = threading.Lock()
 
     def identify(
         self, source: ImageSource, image_uuid: str | None = None
@@ -129,7 +131,8 @@ class ImageHasher:
         return mm_hash, image
 
     def clear(self) -> None:
-        self._memo.clear()
+        with self._lock:
+            self._memo.clear()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -140,24 +143,27 @@ class ImageHasher:
         }
 
     def _memo_lookup(self, digest: bytes) -> str | None:
-        mm_hash = self._memo.get(digest)
-        if mm_hash is None:
-            self.num_memo_misses += 1
-            return None
-        self._memo.move_to_end(digest)
-        self.num_memo_hits += 1
-        return mm_hash
+        with self._lock:
+            mm_hash = self._memo.get(digest)
+            if mm_hash is None:
+                self.num_memo_misses += 1
+                return None
+            self._memo.move_to_end(digest)
+            self.num_memo_hits += 1
+            return mm_hash
 
     def _memo_insert(self, digest: bytes, mm_hash: str) -> None:
         if self.memo_entries == 0:
             return
-        self._memo[digest] = mm_hash
-        if len(self._memo) > self.memo_entries:
-            self._memo.popitem(last=False)
+        with self._lock:
+            self._memo[digest] = mm_hash
+            if len(self._memo) > self.memo_entries:
+                self._memo.popitem(last=False)
 
     def _decode(self, data: bytes, origin: str | None) -> Image.Image:
         image = decode_image_bytes(data, self.max_pixels, origin)
-        self.num_decoded += 1
+        with self._lock:
+            self.num_decoded += 1
         return image
 
 
