@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
 import zmq
 
 from vlm_engine.core import messages
@@ -30,6 +31,7 @@ from vlm_engine.engine_config import EngineConfig
 
 logger = logging.getLogger("vlm_engine")
 PARENT_CHECK_SECONDS = 0.5
+CUDA_CORE_THREADS = 4
 CALLS = ("stats", "all_blocks_free", "reset_prefix_cache", "evict_unreferenced_encoder_outputs")
 
 
@@ -102,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     outbox.connect(args.outbox)
     core = None
     try:
-        from vlm_engine.core.launch import build_core
+        from vlm_engine.core.launch import build_core, resolve_device
 
         config = EngineConfig(**json.loads(args.config))
+        if resolve_device(config).type == "cuda":
+            # The core's CPU tensor ops are small; a full pool of intra-op threads would only
+            # compete with the frontend's preprocessing threads for the cores.
+            torch.set_num_threads(min(CUDA_CORE_THREADS, torch.get_num_threads()))
         core = build_core(Path(args.checkpoint), config)
         ready = {"max_model_len": core.max_model_len, "num_blocks": core.kv_manager.num_blocks}
         outbox.send_multipart([messages.READY, messages.pack(ready)])

@@ -213,8 +213,9 @@ class Gemma3Model(nn.Module):
         image_embeds: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # input_ids: [T]  image_mask: [T] bool, the rows that take image_embeds
-        # image_embeds: [image_mask.sum(), hidden] in token order -> hidden states [T, hidden]
+        # input_ids: [T]  image_mask: the rows that take image_embeds, as a [T] bool mask or as
+        # int64 row indices (what the runner passes: no device sync to count or find them)
+        # image_embeds: [rows, hidden] in token order -> hidden states [T, hidden]
         return self.language_model(self._embed_inputs(input_ids, image_embeds, image_mask), ctx)
 
     def _embed_inputs(self, input_ids, image_embeds, image_mask) -> torch.Tensor:
@@ -225,10 +226,15 @@ class Gemma3Model(nn.Module):
         embeds = self.language_model.embed(input_ids)
         if image_embeds is None:
             return embeds
-        if image_mask is None or int(image_mask.sum()) != image_embeds.shape[0]:
+        is_mask = image_mask is not None and image_mask.dtype == torch.bool
+        rows = None if image_mask is None else int(image_mask.sum()) if is_mask else len(image_mask)
+        if rows != image_embeds.shape[0]:
             raise InvalidInputError("image_embeds needs an image_mask with one row per embedding")
         # Image rows take the vision embeddings as they are: they are not scaled by sqrt(hidden).
-        embeds[image_mask] = image_embeds.to(embeds.dtype)
+        if is_mask:
+            embeds[image_mask] = image_embeds.to(embeds.dtype)
+        else:
+            embeds.index_copy_(0, image_mask, image_embeds.to(embeds.dtype))
         return embeds
 
     @torch.inference_mode()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_engine.runtime.input_batch import to_device
+
 
 @dataclass(frozen=True)
 class ImageGroup:
@@ -104,11 +106,13 @@ class ForwardContext:
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
+        # Through pinned memory without blocking: a plain copy to a GPU would wait for the work
+        # queued before it (the step's vision tower) instead of launching the layers meanwhile.
         return cls(
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            kv_limits=torch.tensor(kv_limits, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+            positions=to_device(torch.tensor(positions, dtype=torch.int64), device),
+            kv_limits=to_device(torch.tensor(kv_limits, dtype=torch.int64), device),
+            query_start_loc=to_device(torch.tensor(starts, dtype=torch.int32), device),
+            seq_lens=to_device(torch.tensor(list(seq_lens), dtype=torch.int32), device),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
             max_query_len=max(query_lens),

@@ -65,9 +65,9 @@ class ModelRunner:
             self.prepare_seconds += time.perf_counter() - start
             logits = self.graphs.run(*inputs)
             return self._sample(logits, [c.request for c in step.chunks])
-        ids, ctx, image_embeds, image_mask = self._prepare_inputs(step.chunks, rows)
+        ids, ctx, image_embeds, image_rows = self._prepare_inputs(step.chunks, rows)
         self.prepare_seconds += time.perf_counter() - start
-        hidden = self.model(ids, ctx, image_embeds, image_mask)
+        hidden = self.model(ids, ctx, image_embeds, image_rows)
         sampling = [c for c in step.chunks if c.samples]
         if not sampling:
             return ModelRunnerOutput({}, {})
@@ -118,9 +118,9 @@ class ModelRunner:
             kv_caches=self.kv_caches,
         )
         image_embeds = torch.cat(embeds) if embeds else None
-        image_mask = self._to_device(torch.from_numpy(mask)) if embeds else None
+        image_rows = self._to_device(torch.from_numpy(np.flatnonzero(mask))) if embeds else None
         ids = self._to_device(torch.tensor(ids, dtype=torch.int64))
-        return ids, ctx, image_embeds, image_mask
+        return ids, ctx, image_embeds, image_rows
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         return to_device(host, self.device)

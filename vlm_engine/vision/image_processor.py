@@ -175,8 +175,10 @@ class Gemma3ImageProcessor:
         views = [pixels, *_pan_and_scan_crops(pixels, num_crops)]
         if self.config.do_resize:
             views = [self._resize(view) for view in views]
-        batch = torch.from_numpy(np.stack(views))  # [n, H, W, 3]
-        return batch.permute(0, 3, 1, 2).contiguous(), num_crops
+        # numpy, not torch: frontend threads run this at once, and torch's CPU ops would each
+        # start a pool of intra-op threads that oversubscribe the cores the GPU's driver needs.
+        batch = np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2))  # [n, 3, H, W]
+        return torch.from_numpy(batch), num_crops
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``[..., 3, H, W]`` -> float32 of the same shape, on the device of ``pixels``.
