@@ -10,6 +10,7 @@ import torch
 from vlm_engine.caches.ec_connector import ECConnector
 from vlm_engine.core.scheduler import ScheduledChunk
 from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.runtime.input_batch import to_device
 
 
 class EncoderRunner:
@@ -58,7 +59,7 @@ class EncoderRunner:
     def _encode(self, todo: dict[str, torch.Tensor]) -> None:
         # [items, 3, H, W] for all images of the step -> per image [crops * tokens, hidden]
         device = self.model.language_model.embed_tokens.weight.device
-        pixels = torch.cat(list(todo.values())).to(device, non_blocking=True)
+        pixels = to_device(torch.cat(list(todo.values())), device)  # pinned: the copy is async
         if pixels.dtype == torch.uint8:
             pixels = self.normalize(pixels)
         embeds = self.model.embed_images(pixels)
