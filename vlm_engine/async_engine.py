@@ -102,6 +102,16 @@ class AsyncEngine:
         await self._call(self.engine.close)
         self._executor.shutdown(wait=True)
 
+    def shutdown(self) -> None:
+        """`close()` for synchronous code, once no event loop serves this engine any more (after
+        a web server has stopped, at the end of a script)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(EngineDeadError("the engine was closed"))
+        self._executor.submit(self.engine.close).result()
+        self._executor.shutdown(wait=True)
+
     async def __aenter__(self) -> AsyncEngine:
         return self
 

@@ -32,17 +32,19 @@ def launch(model: str | None, host: str, port: int, device: str | None, dtype: s
     path = Path(model) if model is not None else default_model_path()
     engine = AsyncEngine(path, device=device, dtype=dtype)
     app = build_app(engine, title=f"vlm_engine: {path.name}")
-    # Blocks until Ctrl-C; the engine (and its core process, if any) ends with this process.
-    app.launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        ssr_mode=False,
-        mcp_server=False,
-        pwa=False,
-        inbrowser=False,
-        allowed_paths=[str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else None,
-    )
+    try:  # blocks until Ctrl-C
+        app.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            ssr_mode=False,
+            mcp_server=False,
+            pwa=False,
+            inbrowser=False,
+            allowed_paths=[str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else None,
+        )
+    finally:
+        engine.shutdown()  # and its core process, if it has one
 
 
 def build_app(engine: AsyncEngine, title: str = "vlm_engine demo") -> Any:

@@ -130,3 +130,13 @@ def test_close_ends_pending_streams(checkpoint):
 
     first, healthy = asyncio.run(run())
     assert not first.finished and not healthy
+
+
+def test_shutdown_from_synchronous_code_stops_the_core_process(checkpoint):
+    engine = make_engine(checkpoint, core_process=True)
+    params = SamplingParams(temperature=0, max_tokens=3)
+    tokens, _, _ = asyncio.run(collect(engine, PROMPTS[4], params))  # the loop is gone after
+    process = engine.engine.core.process
+    engine.shutdown()
+    engine.shutdown()  # twice is fine
+    assert len(tokens) == 3 and process.returncode == 0 and not engine.is_healthy
