@@ -3,8 +3,9 @@
     summary = caption_sources(["photos/"], "captions.jsonl")        # built-in demo model
     summary = caption_images(engine, find_images(["*.png"]), "captions.csv", batch_size=64)
 
-Each image becomes one row: its path, its caption, and its error ("CorruptImageError: ...")
-when the engine rejected it; the run goes on past bad images. Rows are keyed by path: a run
+Each image becomes one row, in input order: its path, its caption, and its error
+("CorruptImageError: ...") when the engine rejected it; the run goes on past bad images. The
+engine is kept busy: the next batch is queued while the last one is still running. Rows are keyed by path: a run
 skips the images whose rows are already in the output file, so an interrupted run resumes
 where it stopped, and a last row cut off mid-write is dropped and redone.
 """
@@ -219,8 +220,12 @@ def caption_images(
     format: str | None = None,
     use_tqdm: bool = False,
 ) -> CaptionSummary:
-    """Caption each image not yet in `output`, `batch_size` images per `engine.generate` call,
-    appending one row per image after each batch. Greedy, `DEFAULT_MAX_TOKENS`, by default."""
+    """Caption each image not yet in `output`, one row per image, in input order. Greedy,
+    `DEFAULT_MAX_TOKENS`, by default.
+
+    Images go to the engine `batch_size` at a time, and the next batch is queued as soon as half
+    of the running ones have finished, so the engine never drains between batches. Rows are
+    appended as soon as every image before them is done; an interrupted run keeps them."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     params = params or SamplingParams(temperature=0, max_tokens=DEFAULT_MAX_TOKENS)
@@ -228,22 +233,64 @@ def caption_images(
     paths = list(dict.fromkeys(str(image) for image in images))
     todo = [path for path in paths if path not in file.done]
     start = time.perf_counter()
-    num_errors = 0
+    rows = _RowsInOrder(file)
+    running: dict[str, int] = {}  # request id -> index in todo
+    queued = 0
     progress = _progress_bar(len(todo)) if use_tqdm else None
     try:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i : i + batch_size]
-            requests = [demo_request(path, prompt) for path in batch]
-            outputs = engine.generate(requests, params, on_error="return")
-            file.append([_row(path, out) for path, out in zip(batch, outputs, strict=True)])
-            num_errors += sum(out.error is not None for out in outputs)
-            if progress is not None:
-                progress.update(len(batch))
+        while queued < len(todo) or running:
+            if queued < len(todo) and len(running) <= batch_size // 2:
+                batch = todo[queued : queued + batch_size]
+                requests = [demo_request(path, prompt) for path in batch]
+                entries = engine.add_requests(requests, params, on_error="return")
+                for index, entry in enumerate(entries, queued):
+                    if isinstance(entry, str):
+                        running[entry] = index
+                    else:  # rejected: its row carries the error
+                        rows.add(index, _row(todo[index], entry))
+                queued += len(batch)
+                continue
+            for out in engine.step():
+                if out.finished and out.request_id in running:
+                    index = running.pop(out.request_id)
+                    rows.add(index, _row(todo[index], out))
+                    if progress is not None:
+                        progress.update(1)
+            rows.flush(batch_size)
     finally:
+        if running:  # interrupted: nothing stays queued in the engine
+            engine.abort_request(list(running))
+        rows.flush(1)
         if progress is not None:
             progress.close()
     elapsed = time.perf_counter() - start
+    num_errors = rows.num_errors
     return CaptionSummary(len(todo) - num_errors, len(paths) - len(todo), num_errors, elapsed)
+
+
+class _RowsInOrder:
+    """Rows by their image's index, written to the file in index order once all before are."""
+
+    def __init__(self, file: CaptionFile):
+        self.file = file
+        self.done: dict[int, dict[str, Any]] = {}
+        self.next = 0  # index of the first row not yet written
+        self.num_errors = 0
+
+    def add(self, index: int, row: dict[str, Any]) -> None:
+        self.done[index] = row
+        self.num_errors += row["error"] is not None
+
+    def flush(self, at_least: int) -> None:
+        """Write the rows ready in order, if there are `at_least` of them."""
+        ready = []
+        while self.next + len(ready) in self.done:
+            ready.append(self.done.pop(self.next + len(ready)))
+        if len(ready) >= at_least:
+            self.file.append(ready)
+            self.next += len(ready)
+        else:  # not yet: put them back
+            self.done.update((self.next + i, row) for i, row in enumerate(ready))
 
 
 def caption_sources(

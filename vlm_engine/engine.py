@@ -175,6 +175,18 @@ class Engine:
         self._counters["finished"] += sum(out.finished for out in outputs)
         return outputs
 
+    def add_requests(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_error: OnError = "raise",
+        stream: bool = False,
+    ) -> list[str | RequestOutput]:
+        """Queue several prompts at once, preprocessed on the frontend's threads; their request
+        ids in order. Bad prompts are handled as in `generate`: with `on_error="return"` the
+        entry of a bad prompt is its error output. `step()` then runs them."""
+        return self._add_all(prompts, sampling_params, stream=stream, on_error=on_error)
+
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
 

@@ -285,3 +285,44 @@ def test_help_explains_each_command(monkeypatch, capsys, command, mentions):
     text = capsys.readouterr().out
     missing = [m for m in mentions if m not in text]
     assert not missing, text
+
+
+class StopAfter:
+    """A real engine whose `step` raises KeyboardInterrupt after `steps` steps (a user's Ctrl-C
+    in the middle of a run)."""
+
+    def __init__(self, engine: Engine, steps: int | None):
+        self.engine, self.steps = engine, steps
+        self.most_in_flight = 0  # requests queued and unfinished, seen at a step
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def step(self):
+        if self.steps == 0:
+            raise KeyboardInterrupt
+        if self.steps is not None:
+            self.steps -= 1
+        in_flight = len(self.engine.output_processor.states)
+        self.most_in_flight = max(self.most_in_flight, in_flight)
+        return self.engine.step()
+
+
+def test_rows_in_input_order_batches_overlap_and_an_interrupt_resumes(engine, tmp_path):
+    scenes = draw_pictures(tmp_path / "images", range(30, 41))
+    paths = list(scenes)
+    varied = SamplingParams(temperature=1.0, seed=3, max_tokens=DEFAULT_MAX_TOKENS)
+    out = tmp_path / "c.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        caption_images(StopAfter(engine, 14), paths, out, params=varied, batch_size=4)
+    written = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert 0 < len(written) < len(paths) and written == [str(p) for p in paths[: len(written)]]
+    assert not engine.has_unfinished()  # the interrupted requests were aborted
+    assert engine.core.all_blocks_free()
+    watched = StopAfter(engine, None)
+    summary = caption_images(watched, paths, out, params=varied, batch_size=4)
+    assert counts(summary) == (len(paths) - len(written), len(written), 0)
+    assert watched.most_in_flight > 4  # the next batch joined before the last one drained
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["path"] for row in rows] == [str(p) for p in paths]  # input order, each once
+    assert all(row["caption"] and row["error"] is None for row in rows)
