@@ -19,6 +19,7 @@ from vlm_engine.kernels import (  # noqa: E402
     triton_activation,
     triton_kv_store,
     triton_norm,
+    triton_qk_norm_rope,
     triton_rotary,
 )
 from vlm_engine.kernels.activation import gelu_and_mul_ref  # noqa: E402
@@ -58,6 +59,7 @@ def _interpreted_functions() -> list[tuple[object, str, object]]:
             triton_rotary,
             triton_kv_store,
             triton_activation,
+            triton_qk_norm_rope,
             tl,
             tl.standard,
         )
@@ -279,6 +281,78 @@ def test_store_kv_casts_to_the_cache_dtype():
     store_kv_ref(key, value, expected, slot_mapping)
     triton_kv_store.store_kv(key, value, cache, slot_mapping)
     assert torch.equal(cache, expected)
+
+
+# ---- q/k norms + rotary + KV store in one kernel -------------------------------------------------
+
+
+def _check_qk_norm_rope(num_tokens, num_heads, num_kv_heads, head_dim, dtype, gen, with_cache):
+    # -> [(actual, expected, the rounded norm output it was computed from)] for q, k and the cache
+    _, (q, k, v) = _fused_qkv(num_tokens, num_heads, num_kv_heads, head_dim, gen, dtype)
+    q_weight, k_weight = _norm_weight(head_dim, gen), _norm_weight(head_dim, gen)
+    positions = torch.randint(0, 40_000, (num_tokens,), generator=gen).to(DEVICE)
+    theta, scaling = (1e4, 1.0) if num_tokens % 2 else (1e6, 8.0)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, DEVICE)
+    cos, sin = rope_cos_sin(positions, inv_freq, dtype)
+    normed_q, normed_k = rms_norm_ref(q, q_weight, EPS), rms_norm_ref(k, k_weight, EPS)
+    expected_q = apply_rotary_ref(normed_q, cos, sin)
+    expected_k = apply_rotary_ref(normed_k, cos, sin)
+    cache = slot_mapping = None
+    if with_cache:
+        block_size, num_blocks = 4, -(-2 * num_tokens // 4)
+        cache = _randn(2, num_blocks, block_size, num_kv_heads, head_dim, gen=gen, dtype=dtype)
+        distinct = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+        slots = distinct.masked_fill(torch.rand(num_tokens, generator=gen) < 0.3, -1)
+        slots[0], slots[-1] = distinct[0], -1  # at least one written and one padding token
+        slot_mapping = slots.to(DEVICE)
+        expected_cache = cache.clone()
+        store_kv_ref(expected_k, v, expected_cache, slot_mapping)
+    q_out, k_out = triton_qk_norm_rope.qk_norm_rope_store(
+        q, k, v, q_weight, k_weight, EPS, positions, inv_freq, cache, slot_mapping
+    )
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    pairs = [(q_out, expected_q, normed_q)]
+    if with_cache:
+        valid = slot_mapping >= 0  # a padding token's k is left unwritten
+        pairs += [(k_out[valid], expected_k[valid], normed_k[valid])]
+        # The cache holds exactly the kernel's k, and v as it is; padding slots are untouched.
+        kv = torch.stack([torch.zeros_like(expected_k), v])
+        kv[0, valid] = k_out[valid]
+        written = cache.clone()
+        store_kv_ref(kv[0], kv[1], written, slot_mapping)
+        assert torch.equal(cache, written)
+        pairs += [(cache, expected_cache, torch.cat([normed_k, v]))]
+    else:
+        pairs += [(k_out, expected_k, normed_k)]
+    return pairs
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 256])
+@pytest.mark.parametrize("num_tokens", [1, 7])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 1), (8, 2)])
+@pytest.mark.parametrize("with_cache", [True, False], ids=["cache", "no-cache"])
+def test_qk_norm_rope_store(head_dim, num_tokens, num_heads, num_kv_heads, with_cache):
+    if with_cache and num_tokens == 1:
+        num_tokens = 5  # room for both a written and a padding token
+    gen = torch.Generator().manual_seed(head_dim * 10 + num_tokens + num_heads)
+    for actual, expected, _ in _check_qk_norm_rope(
+        num_tokens, num_heads, num_kv_heads, head_dim, torch.float32, gen, with_cache
+    ):
+        torch.testing.assert_close(actual, expected, **FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_qk_norm_rope_store_low_precision(dtype):
+    gen = torch.Generator().manual_seed(23)
+    num_tokens = LOW_PRECISION_SIZES["num_tokens"]
+    for head_dim in LOW_PRECISION_SIZES["head_dim"]:
+        pairs = _check_qk_norm_rope(num_tokens, 8, 4, head_dim, dtype, gen, with_cache=True)
+        for actual, expected, normed in pairs:
+            # A norm output one ulp off (float32 statistics) carries into the rotation.
+            diff = (actual.float() - expected.float()).abs()
+            bound = 2 * torch.maximum(_ulp(expected), _ulp(normed).amax())
+            assert (actual == expected).float().mean() >= 0.99
+            assert (diff <= bound).all(), diff.max()
 
 
 # ---- gelu_tanh(gate) * up --------------------------------------------------------------------
