@@ -15,7 +15,7 @@ from vlm_engine.config import ModelConfig, TextConfig
 from vlm_engine.errors import InvalidInputError
 from vlm_engine.kernels.activation import gelu_and_mul
 from vlm_engine.kernels.attention import attention
-from vlm_engine.kernels.kv_store import store_kv
+from vlm_engine.kernels.attention_inputs import norm_rope_store
 from vlm_engine.kernels.norm import post_norm_residual_pre_norm, rms_norm
 from vlm_engine.kernels.rotary import Rotary, rope_inv_freq
 from vlm_engine.models.fusion import fuse_linears
@@ -76,12 +76,14 @@ class Gemma3Attention(nn.Module):
         # x: [T, hidden] -> [T, hidden]
         num_tokens = x.shape[0]
         q, k, v = self._project_qkv(x)  # [T, heads * dim], [T, kv_heads * dim] x 2
-        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary.apply(q, k)
-        if ctx.uses_kv_cache:
-            store_kv(k, v, ctx.kv_caches[self.layer_idx], ctx.slot_mapping)
+        cache = ctx.kv_caches[self.layer_idx] if ctx.uses_kv_cache else None
+        q, k = norm_rope_store(
+            q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, rotary, cache,
+            ctx.slot_mapping if cache is not None else None,
+        )  # fmt: skip
         out = attention(q, k, v, ctx, self.layer_idx, self.scale, self.window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
