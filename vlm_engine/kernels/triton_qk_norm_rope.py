@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from vlm_engine.kernels.triton_kv_store import _copy_heads
+from vlm_engine.kernels.triton_rotary import _rotate
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE_ELEMENTS = 2048  # elements of each half a program holds at once
@@ -56,13 +57,7 @@ def _norm_rotate_heads(
         rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) * inv_dim + eps)
         n1 = (x1 * rstd[:, None] * weight_lo[None, :]).to(dtype).to(tl.float32)
         n2 = (x2 * rstd[:, None] * weight_hi[None, :]).to(dtype).to(tl.float32)
-        # apply_rotary_ref: x * cos + rotate_half(x) * sin, each product rounded, then the sum.
-        n1_cos = (n1 * cos[None, :]).to(dtype).to(tl.float32)
-        n2_sin = (n2 * sin[None, :]).to(dtype).to(tl.float32)
-        n2_cos = (n2 * cos[None, :]).to(dtype).to(tl.float32)
-        n1_sin = (n1 * sin[None, :]).to(dtype).to(tl.float32)
-        out1 = (n1_cos - n2_sin).to(dtype)
-        out2 = (n2_cos + n1_sin).to(dtype)
+        out1, out2 = _rotate(n1, n2, cos, sin, dtype)  # as apply_rotary_ref rounds
         dst = dst_row_ptr + heads[:, None] * (2 * half) + cols[None, :]
         tl.store(dst, out1, mask=mask)
         tl.store(dst + half, out2, mask=mask)

@@ -18,6 +18,18 @@ _TILE_ELEMENTS = 2048  # elements of each half a program rotates at once
 
 
 @triton.jit
+def _rotate(x1, x2, cos, sin, dtype: tl.constexpr):
+    # x1, x2: the two halves (float32 holding dtype values); cos/sin: float32, rounded to dtype.
+    # x * cos + rotate_half(x) * sin, rounding like torch's elementwise ops in `dtype`: each
+    # product, then the sum.
+    x1_cos = (x1 * cos[None, :]).to(dtype).to(tl.float32)
+    x2_sin = (x2 * sin[None, :]).to(dtype).to(tl.float32)
+    x2_cos = (x2 * cos[None, :]).to(dtype).to(tl.float32)
+    x1_sin = (x1 * sin[None, :]).to(dtype).to(tl.float32)
+    return (x1_cos - x2_sin).to(dtype), (x2_cos + x1_sin).to(dtype)
+
+
+@triton.jit
 def _rotate_heads(
     row_ptr,
     stride_head,
@@ -39,13 +51,9 @@ def _rotate_heads(
         ptrs = row_ptr + heads[:, None] * stride_head + cols[None, :]
         x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
-        # x * cos + rotate_half(x) * sin, rounding like torch's elementwise ops in `dtype`.
-        x1_cos = (x1 * cos[None, :]).to(dtype).to(tl.float32)
-        x2_sin = (x2 * sin[None, :]).to(dtype).to(tl.float32)
-        x2_cos = (x2 * cos[None, :]).to(dtype).to(tl.float32)
-        x1_sin = (x1 * sin[None, :]).to(dtype).to(tl.float32)
-        tl.store(ptrs, (x1_cos - x2_sin).to(dtype), mask=mask)
-        tl.store(ptrs + half, (x2_cos + x1_sin).to(dtype), mask=mask)
+        out1, out2 = _rotate(x1, x2, cos, sin, dtype)
+        tl.store(ptrs, out1, mask=mask)
+        tl.store(ptrs + half, out2, mask=mask)
 
 
 @triton.jit
