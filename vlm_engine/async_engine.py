@@ -98,9 +98,7 @@ class AsyncEngine:
         self._closed = True
         if self._step_task is not None:
             await asyncio.gather(self._step_task, return_exceptions=True)
-        self._fail_all(EngineDeadError("the engine was closed"))
-        await self._call(self.engine.close)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._release)
 
     def shutdown(self) -> None:
         """`close()` for synchronous code, once no event loop serves this engine any more (after
@@ -108,8 +106,11 @@ class AsyncEngine:
         if self._closed:
             return
         self._closed = True
+        self._release()
+
+    def _release(self) -> None:
         self._fail_all(EngineDeadError("the engine was closed"))
-        self._executor.submit(self.engine.close).result()
+        self._executor.submit(self.engine.close).result()  # on the worker, after its last call
         self._executor.shutdown(wait=True)
 
     async def __aenter__(self) -> AsyncEngine:

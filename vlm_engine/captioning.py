@@ -282,15 +282,13 @@ class _RowsInOrder:
         self.num_errors += row["error"] is not None
 
     def flush(self, at_least: int) -> None:
-        """Write the rows ready in order, if there are `at_least` of them."""
-        ready = []
-        while self.next + len(ready) in self.done:
-            ready.append(self.done.pop(self.next + len(ready)))
-        if len(ready) >= at_least:
-            self.file.append(ready)
-            self.next += len(ready)
-        else:  # not yet: put them back
-            self.done.update((self.next + i, row) for i, row in enumerate(ready))
+        """Write the rows ready in order, if there are `at_least` (and at least one) of them."""
+        count = 0
+        while self.next + count in self.done:
+            count += 1
+        if count and count >= at_least:
+            self.file.append([self.done.pop(self.next + i) for i in range(count)])
+            self.next += count
 
 
 def caption_sources(

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from vlm_engine.captioning import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_TOKENS,
-    IMAGE_SUFFIXES,
     CaptionFileError,
     caption_sources,
+    find_images,
 )
-from vlm_engine.demo.model import DEMO_PROMPT, default_model_path
+from vlm_engine.demo.model import DEMO_PROMPT, default_model_path, demo_request
 from vlm_engine.errors import CheckpointError, ConfigError, InvalidSamplingParamsError
 from vlm_engine.sampling_params import SamplingParams
 
@@ -43,8 +42,9 @@ examples:
 
 CAPTION_DESCRIPTION = """\
 Caption many images into a JSONL or CSV file (one row per image: path, caption, error).
-Images go through the engine --batch-size at a time; an image the engine rejects (corrupt, not
-an image, missing) gets a row with its error ("CorruptImageError: ...") and the run goes on.
+Images are queued --batch-size at a time, the next batch as soon as half the running ones are
+done; rows are written in input order. An image the engine rejects (corrupt, not an image,
+missing) gets a row with its error ("CorruptImageError: ...") and the run goes on.
 Rerunning with the same output skips the images already in it, so an interrupted run resumes
 (a row cut off by the interruption is redone); delete a row to caption that image again.
 A summary (captioned, skipped, errors, elapsed, images/s) is printed at the end."""
@@ -204,29 +204,14 @@ def add_demo_parser(sub) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from vlm_engine.engine import Engine  # torch and transformers: not for --help
 
-    paths = image_paths(args.images)
-    prompts = [chat_prompt(path, args.prompt) for path in paths]
+    paths = find_images(args.images)
+    prompts = [demo_request(str(path), args.prompt) for path in paths]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     with Engine(args.model or default_model_path(), device=args.device, dtype=args.dtype) as engine:
         outputs = engine.generate(prompts, params)
     for path, out in zip(paths, outputs, strict=True):
         print(f"{path.name}\t{out.text!r}")
     return 0
-
-
-def image_paths(sources: list[str]) -> list[Path]:
-    paths = []
-    for source in map(Path, sources):
-        if source.is_dir():
-            paths += sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            paths.append(source)
-    return paths
-
-
-def chat_prompt(image: Path, question: str) -> dict:
-    content = [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]
-    return {"messages": [{"role": "user", "content": content}]}
 
 
 def add_generate_parser(sub) -> None:

@@ -294,7 +294,7 @@ class Engine:
 
         def process(job: tuple[str, Prompt, Any]) -> tuple[Request, str] | InvalidInputError:
             try:
-                return self._process(*job[:2], job[2], arrival_time=arrival_time)
+                return self._process(*job, arrival_time=arrival_time)
             except InvalidInputError as e:
                 return e
 

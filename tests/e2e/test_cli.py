@@ -7,7 +7,7 @@ import sys
 
 from PIL import Image
 
-from vlm_engine.cli import chat_prompt
+from vlm_engine.demo.model import demo_request
 from vlm_engine.pipeline import VisionLanguagePipeline
 from vlm_engine.testing import make_tiny_checkpoint
 
@@ -43,7 +43,7 @@ def test_generate_prints_one_answer_per_image(tmp_path):
     assert [line.split("\t")[0] for line in lines] == ["a.png", "b.jpg"]
     # The engine's batched answer equals the scheduler-free reference loop on the same prompt.
     pipe = VisionLanguagePipeline.load(model)
-    prepared = pipe.prepare_chat(chat_prompt(images / "a.png", "What color?")["messages"])
+    prepared = pipe.prepare_chat(demo_request(str(images / "a.png"), "What color?")["messages"])
     expected = pipe.tokenizer.decode(pipe.generate(prepared, 5), skip_special_tokens=True)
     assert lines[0].split("\t")[1] == repr(expected)
 

@@ -62,12 +62,12 @@ class CoreProcess:
             "--inbox", inbox, "--outbox", outbox, "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+        self._pidfd = _pidfd(self.process.pid)
         self._finalizer = weakref.finalize(
-            self, _stop, self.process, self._context, self._dir, self._inbox
+            self, _stop, self.process, self._pidfd, self._context, self._dir, self._inbox
         )
         self._poller = zmq.Poller()
         self._poller.register(self._outbox, zmq.POLLIN)
-        self._pidfd = _pidfd(self.process.pid)
         if self._pidfd is not None:
             self._poller.register(self._pidfd, zmq.POLLIN)
         self._steps: collections.deque[list[EngineCoreOutput]] = collections.deque()
@@ -77,7 +77,6 @@ class CoreProcess:
         self.error: str | None = None  # why the core is gone
         self._failure: dict[str, Any] | None = None  # what the core said when it failed
         self.max_model_len = 0
-        self.num_blocks = 0
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -98,7 +97,6 @@ class CoreProcess:
             raise RuntimeError(f"the engine core sent {kind!r} before it was ready")
         header = messages.unpack(frames[0])
         self.max_model_len = int(header["max_model_len"])
-        self.num_blocks = int(header["num_blocks"])
 
     # ---- what Engine calls -----------------------------------------------------------------
 
@@ -153,9 +151,6 @@ class CoreProcess:
         if self.error is None:
             self.error = "the engine was closed"
         self._finalizer()
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
 
     # ---- receiving -------------------------------------------------------------------------
 
@@ -212,7 +207,13 @@ def _pidfd(pid: int) -> int | None:
     return None
 
 
-def _stop(process: subprocess.Popen, context: zmq.Context, folder: str, inbox: zmq.Socket) -> None:
+def _stop(
+    process: subprocess.Popen,
+    pidfd: int | None,
+    context: zmq.Context,
+    folder: str,
+    inbox: zmq.Socket,
+) -> None:
     if process.poll() is None:
         with contextlib.suppress(zmq.ZMQError):
             inbox.send_multipart([messages.SHUTDOWN], flags=zmq.NOBLOCK)
@@ -221,5 +222,7 @@ def _stop(process: subprocess.Popen, context: zmq.Context, folder: str, inbox: z
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    if pidfd is not None:
+        os.close(pidfd)
     context.destroy(linger=0)
     shutil.rmtree(folder, ignore_errors=True)

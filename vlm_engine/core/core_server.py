@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             # compete with the frontend's preprocessing threads for the cores.
             torch.set_num_threads(min(CUDA_CORE_THREADS, torch.get_num_threads()))
         core = build_core(Path(args.checkpoint), config)
-        ready = {"max_model_len": core.max_model_len, "num_blocks": core.kv_manager.num_blocks}
-        outbox.send_multipart([messages.READY, messages.pack(ready)])
+        ready = messages.pack({"max_model_len": core.max_model_len})
+        outbox.send_multipart([messages.READY, ready])
         CoreServer(core, inbox, outbox, args.parent_pid).serve()
         return 0
     except BaseException as e:  # tell the frontend why, then exit
