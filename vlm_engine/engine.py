@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from vlm_engine.errors import (
 )
 from vlm_engine.frontend.input_processor import InputProcessor, Prompt
 from vlm_engine.frontend.output_processor import OutputProcessor
+from vlm_engine.frontend.workers import DaemonPool
 from vlm_engine.outputs import RequestOutput
 from vlm_engine.sampling_params import SamplingParams
 
@@ -82,7 +82,7 @@ class Engine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._frontend_threads = min(8, os.cpu_count() or 1)
-        self._pool: ThreadPoolExecutor | None = None  # preprocesses the prompts of a batch call
+        self._pool: DaemonPool | None = None  # preprocesses the prompts of a batch call
         self._counters = {
             "requests": 0,
             "rejected": 0,
@@ -303,9 +303,10 @@ class Engine:
             yield from map(process, jobs)
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._frontend_threads, "vlm-frontend")
-        futures = [self._pool.submit(process, job) for job in jobs]
+            self._pool = DaemonPool(self._frontend_threads, "vlm-frontend")
+        futures = []
         try:
+            futures += (self._pool.submit(process, job) for job in jobs)
             for future in futures:
                 yield future.result()
         finally:
@@ -363,7 +364,7 @@ class Engine:
         self._closed = True
         self.abort_request(list(self.output_processor.states))
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown()
         self.core.close()
 
     def __enter__(self) -> Engine:
