@@ -19,6 +19,7 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # None: 0.25 GiB on a CPU; on a GPU, profiled
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use (KV sizing)
     use_cuda_graphs: bool = True  # replay decode-only steps from CUDA graphs (GPU only)
+    async_scheduling: bool | None = None  # schedule a step while the previous runs; None: GPU
     load_format: str = "safetensors"  # or "dummy": random weights of the checkpoint's shapes
     enable_prefix_caching: bool = True
     encoder_cache_size: int = 16384  # image embeddings kept on the device (256 per Gemma3 image)
@@ -63,8 +64,9 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
-        if self.core_process not in (None, True, False):
-            raise ValueError(f"core_process must be True, False or None, got {self.core_process!r}")
+        for name in ("core_process", "async_scheduling"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(
                 f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}"

@@ -20,9 +20,13 @@ def checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=1)
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint):
-    return Engine(checkpoint, device="cpu", dtype="float32", block_size=8)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def engine(checkpoint, request):
+    """Each test runs with steps one at a time, and with each step scheduled while the
+    previous one runs (async scheduling, the default on a GPU)."""
+    return Engine(
+        checkpoint, device="cpu", dtype="float32", block_size=8, async_scheduling=request.param
+    )
 
 
 @pytest.fixture(scope="module")

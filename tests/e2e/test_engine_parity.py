@@ -98,6 +98,18 @@ CONFIGS = {
     "preemption": {"num_kv_blocks": 34, "max_num_batched_tokens": 64},
     "block_inside_image": {"block_size": 5, "max_num_batched_tokens": 40},
     "priority_policy": {"scheduling_policy": "priority", "max_num_seqs": 5},
+    # Each step scheduled while the previous one runs (pending tokens taken on the device).
+    "async_chunked_prefill": {"max_num_batched_tokens": 24, "async_scheduling": True},
+    "async_preemption": {
+        "num_kv_blocks": 34,
+        "max_num_batched_tokens": 64,
+        "async_scheduling": True,
+    },
+    "async_block_inside_image": {
+        "block_size": 5,
+        "max_num_batched_tokens": 40,
+        "async_scheduling": True,
+    },
 }
 
 
@@ -107,19 +119,20 @@ def test_greedy_tokens_match_transformers(name, checkpoint, images, reference):
     assert [o.token_ids for o in outputs] == reference
     assert all(o.finish_reason == "length" for o in outputs)
     stats = engine.stats()
-    if name == "preemption":
+    if name.endswith("preemption"):
         assert stats["scheduler"]["num_preemptions"] > 0
-    if name == "chunked_prefill":
+    if name.endswith("chunked_prefill"):
         assert stats["scheduler"]["num_steps"] > max(n for *_, n in SPECS) + 10
     if name == "roomy":  # all prefills in one step: an image shared by requests is encoded once
         distinct = len({i for _, ids, _ in SPECS for i in ids})
         assert stats["vision_encoder"]["items_encoded"] == distinct
 
 
-def test_prefix_cache_hits_keep_outputs_exact(checkpoint, images, reference):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_prefix_cache_hits_keep_outputs_exact(checkpoint, images, reference, async_scheduling):
     """A second wave of the same requests hits the prefix cache (images included) and still
     produces transformers' tokens; a block boundary falls inside images."""
-    engine, first = run_engine(checkpoint, images, block_size=4)
+    engine, first = run_engine(checkpoint, images, block_size=4, async_scheduling=async_scheduling)
     prompts = [{"prompt": text, "images": [images[i] for i in ids]} for text, ids, _ in SPECS]
     params = [SamplingParams(temperature=0, max_tokens=n, min_tokens=n) for _, _, n in SPECS]
     second = engine.generate(prompts, params)

@@ -390,6 +390,19 @@ def test_min_tokens_blocks_stop_tokens_until_reached():
     assert not tokens & {5, 9} and len(tokens) > 3
 
 
+def test_min_tokens_counts_pending_outputs():
+    """Under async scheduling, earlier tokens may be sampled but not yet on the host."""
+    logits = random_logits(1)[0]
+    logits[5] = 100.0
+    params = SamplingParams(max_tokens=100, min_tokens=3, temperature=0)
+    rows = [
+        SamplingRow(params, [7], [1], None, frozenset({5}), num_pending_outputs=pending)
+        for pending in (1, 2)
+    ]
+    out = sample(torch.stack([logits, logits]), rows).sampled_token_ids
+    assert int(out[0]) != 5 and int(out[1]) == 5  # 1 + 1 < 3 outputs before; 1 + 2 = 3
+
+
 # ---- logprobs ---------------------------------------------------------------------------
 
 

@@ -545,8 +545,8 @@ def test_a_request_finished_while_its_step_runs_is_skipped_and_releases_its_imag
 
     finished = scheduler.update_from_output(output, {"a": OUT, "b": OUT})
     assert finished == []
-    assert a.num_computed_tokens == 0 and a.output_token_ids == []
-    assert b.num_computed_tokens == 6 and b.output_token_ids == [OUT]
+    assert a.output_token_ids == [] and a.num_pending == 0  # its token is dropped
+    assert b.num_computed_tokens == 6 and b.output_token_ids == [OUT] and b.num_pending == 0
     assert cache.num_referenced() == 0
 
     # The runner encoded cat in that step: a later request with it is a hit.
@@ -597,15 +597,18 @@ def check_step(scheduler, output, running_before):
     if output.preempted_ids:
         assert not any(admitted)
     for chunk in output.chunks:
-        assert chunk.num_tokens > 0 and chunk.start == chunk.request.num_computed_tokens
+        assert chunk.num_tokens > 0 and chunk.end == chunk.request.num_computed_tokens
         assert len(chunk.block_ids) * config.block_size >= chunk.end
         for feature in chunk.request.mm_features:
             assert not feature.offset < chunk.end < feature.offset + feature.length
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlapped"])
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_random_workload_keeps_the_invariants_and_frees_everything(seed, policy):
+def test_a_random_workload_keeps_the_invariants_and_frees_everything(seed, policy, overlap):
+    """`overlapped` schedules each step before the previous one's tokens come back (async
+    scheduling): pending tokens, preemption and aborts of requests whose step is in flight."""
     rng = random.Random(seed)
     # The cache holds two of the three images (not dog with owl); a step computes cat and dog, or
     # owl alone. With 24 tokens a step, both limits bind, not only the token budget.
@@ -622,6 +625,7 @@ def test_a_random_workload_keeps_the_invariants_and_frees_everything(seed, polic
     pending = list(requests)
     runner_cache: set[str] = set()  # what the model runner holds: drops evictions, then encodes
     aborted = set()
+    in_flight = None  # overlapped: the step whose tokens are not back yet
     for _ in range(2000):
         for _ in range(rng.randint(0, 2)):
             if pending:
@@ -630,7 +634,7 @@ def test_a_random_workload_keeps_the_invariants_and_frees_everything(seed, polic
             victim = scheduler.requests[rng.choice(sorted(scheduler.requests))]
             scheduler.finish(victim, RequestStatus.FINISHED_ABORTED)
             aborted.add(victim.request_id)
-        if not (pending or scheduler.has_unfinished()):
+        if not (pending or scheduler.has_unfinished() or in_flight):
             break
         running_before = {r.request_id for r in scheduler.running}
         output = scheduler.schedule()
@@ -646,15 +650,24 @@ def test_a_random_workload_keeps_the_invariants_and_frees_everything(seed, polic
             for feature in chunk.request.mm_features:
                 if feature.offset < chunk.end and chunk.start < feature.offset + feature.length:
                     assert chunk.request.request_id in cache.refs[feature.mm_hash]
-        sampled = {c.request.request_id: OUT for c in output.chunks if c.samples}
-        scheduler.update_from_output(output, sampled)
-        for mm_hash, owners in cache.refs.items():  # referenced only while still needed
+        if overlap:  # an empty step is not launched
+            output, in_flight = in_flight, (output if output.chunks else None)
+        if output is not None:
+            sampled = {c.request.request_id: OUT for c in output.chunks if c.samples}
+            scheduler.update_from_output(output, sampled)
+        # Referenced only while still needed (or used by the step in flight).
+        flying = {c.request.request_id: c.start for c in in_flight.chunks} if in_flight else {}
+        for mm_hash, owners in cache.refs.items():
             for owner in owners:
                 request = scheduler.requests[owner]
+                computed = flying.get(owner, request.num_computed_tokens)
                 assert any(
-                    f.mm_hash == mm_hash and f.offset + f.length > request.num_computed_tokens
+                    f.mm_hash == mm_hash and f.offset + f.length > computed
                     for f in request.mm_features
                 )
+        sampling = {c.request.request_id for c in in_flight.chunks if c.samples} if flying else ()
+        for request in scheduler.requests.values():
+            assert request.num_pending == (request.request_id in sampling)
     else:
         pytest.fail("the workload did not finish in 2000 steps")
 

@@ -14,10 +14,10 @@ import torch
 from vlm_engine.caches.ec_connector import ECConnector
 from vlm_engine.caches.kv_cache_manager import KVCacheManager
 from vlm_engine.core.request import Request, RequestStatus
-from vlm_engine.core.scheduler import Scheduler
+from vlm_engine.core.scheduler import Scheduler, SchedulerOutput
 from vlm_engine.engine_config import EngineConfig
 from vlm_engine.models.gemma3 import Gemma3Model
-from vlm_engine.runtime.model_runner import ModelRunner
+from vlm_engine.runtime.model_runner import LaunchedStep, ModelRunner
 
 
 @dataclass
@@ -29,6 +29,13 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int | None = None
     error: Exception | None = None
+
+
+@dataclass
+class _StepInFlight:
+    scheduled: SchedulerOutput
+    launched: LaunchedStep
+    needs_all_tokens: bool  # a request's sampling reads its outputs: no step may overlap it
 
 
 class EngineCore:
@@ -54,6 +61,11 @@ class EngineCore:
         )  # fmt: skip
         self.num_steps = 0
         self.step_seconds = {"schedule": 0.0, "execute": 0.0, "update": 0.0}  # host wall time
+        async_scheduling = config.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = self.runner.device.type == "cuda"
+        self.async_scheduling = async_scheduling
+        self._in_flight: _StepInFlight | None = None  # launched, outputs not yet taken
         if config.use_cuda_graphs and self.runner.device.type == "cuda":
             self.runner.enable_cuda_graphs(config.max_num_seqs, max_model_len)
 
@@ -70,33 +82,75 @@ class EngineCore:
             request = self.scheduler.requests.get(request_id)
             if request is not None:
                 self.scheduler.finish(request, status)
+        self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """Run one step and return the outputs of a step that finished.
+
+        With async scheduling the step is launched and the previous one's outputs returned:
+        the next step is scheduled and its inputs prepared while the device runs this one, and
+        its pending input tokens are taken from the device. Without it (or when a request's
+        sampling reads its output tokens), the step's own outputs are returned.
+        """
+        previous, self._in_flight = self._in_flight, None
+        outputs: list[EngineCoreOutput] = []
+        if previous is not None and previous.needs_all_tokens:
+            outputs, previous = self._finish(previous), None
+        current = self._launch()
+        if previous is not None:
+            outputs = self._finish(previous)
+        if current is not None:
+            if self.async_scheduling:
+                self._in_flight = current
+            else:
+                outputs = self._finish(current)
+        self._settle_if_idle()
+        return outputs
+
+    def _settle_if_idle(self) -> None:
+        """With no request left unfinished, wait for the step in flight (whose tokens are all
+        dropped), so that `has_unfinished` turns False with the last output."""
+        if self._in_flight is not None and not self.scheduler.has_unfinished():
+            in_flight, self._in_flight = self._in_flight, None
+            self._finish(in_flight)
+
+    def _launch(self) -> _StepInFlight | None:
         if not self.scheduler.has_unfinished():
-            return []
+            return None
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             self.runner.release(scheduled)
-            return []
-        scheduled_at = time.perf_counter()
-        result = self.runner.execute(scheduled)  # returns once the sampled ids are on the host
-        executed_at = time.perf_counter()
+            return None
+        launched_at = time.perf_counter()
+        launched = self.runner.launch(scheduled)
+        self.step_seconds["schedule"] += launched_at - start
+        self.step_seconds["execute"] += time.perf_counter() - launched_at
+        penalized = any(r.sampling_params.has_penalties for r in launched.requests)
+        return _StepInFlight(scheduled, launched, penalized)
+
+    def _finish(self, step: _StepInFlight) -> list[EngineCoreOutput]:
+        """Wait for a launched step, advance its requests and make their outputs."""
+        start = time.perf_counter()
+        result = self.runner.collect(step.launched)
+        collected_at = time.perf_counter()
+        scheduled = step.scheduled
         finished = {
             r.request_id for r in self.scheduler.update_from_output(scheduled, result.sampled)
         }
         self.num_steps += 1
-        self.step_seconds["schedule"] += scheduled_at - start
-        self.step_seconds["execute"] += executed_at - scheduled_at
-        self.step_seconds["update"] += time.perf_counter() - executed_at
+        self.step_seconds["execute"] += collected_at - start
+        self.step_seconds["update"] += time.perf_counter() - collected_at
         outputs = []
         for chunk in scheduled.chunks:
             request = chunk.request
             token = result.sampled.get(request.request_id)
-            if token is None or request.status == RequestStatus.FINISHED_ABORTED:
+            if token is None or (
+                request.is_finished and request.request_id not in finished
+            ):  # aborted, or stopped by an earlier step, while this one ran
                 continue
             logprobs = result.logprobs.get(request.request_id)
             outputs.append(

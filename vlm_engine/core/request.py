@@ -66,7 +66,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # advanced when a step is scheduled, not when it finishes
+    num_pending: int = 0  # tokens sampled by scheduled steps whose ids are not yet on the host
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, in order

@@ -5,6 +5,13 @@ then waiting ones (FCFS, or by priority). A chunk never ends inside an image's t
 tokens attend to each other bidirectionally). When KV blocks run out, the lowest-priority running
 request is preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed later (its outputs so far become part of what it recomputes).
+
+Scheduling a step advances its requests at once (`num_computed_tokens`), and each chunk that
+samples leaves a pending token (`num_pending`) until its id reaches the host. So the next step
+can be scheduled while this one still runs: a request's pending token is the input of its next
+decode chunk, which the model runner takes from the device. A request whose pending tokens will
+reach its length limit is not scheduled again; one that stops on a sampled token (EOS, a stop
+token) has at most one more step computed, and that step's token is dropped.
 """
 
 from __future__ import annotations
@@ -25,10 +32,10 @@ class ScheduledChunk:
     num_tokens: int  # tokens computed in this step
     block_ids: list[int]
     encoder_inputs: list[int] = field(default_factory=list)  # feature indices to encode now
-    samples: bool = field(init=False)  # reaches the last known token: its logits pick the next
+    samples: bool = field(init=False)  # reaches the last token: its logits pick the next
 
     def __post_init__(self) -> None:
-        self.samples = self.end == self.request.num_tokens
+        self.samples = self.end == self.request.num_tokens + self.request.num_pending
 
     @property
     def end(self) -> int:
@@ -79,7 +86,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._chunk_size(request, request.num_computed_tokens, budget)
+            num_new = (
+                0
+                if self._at_length_limit(request)
+                else self._chunk_size(request, request.num_computed_tokens, budget)
+            )
             if num_new == 0:
                 i += 1
                 continue
@@ -122,7 +133,7 @@ class Scheduler:
     def _chunk_size(self, request: Request, start: int, budget: int) -> int:
         """Tokens to compute from `start`: at most `budget`, never ending inside an image span,
         and stopping before an image whose embeddings can be neither found nor computed now."""
-        end = min(request.num_tokens, start + budget)
+        end = min(request.num_tokens + request.num_pending, start + budget)
         for feature in request.mm_features:
             span_end = feature.offset + feature.length
             if feature.offset < end < span_end:
@@ -169,7 +180,20 @@ class Scheduler:
             self._encoder_budget -= size
             encoder_inputs.append(index)
         block_ids = self.kv.get_block_ids(request.request_id)
-        return ScheduledChunk(request, start, num_tokens, block_ids, encoder_inputs)
+        chunk = ScheduledChunk(request, start, num_tokens, block_ids, encoder_inputs)
+        request.num_computed_tokens = chunk.end
+        request.num_pending += chunk.samples
+        return chunk
+
+    def _at_length_limit(self, request: Request) -> bool:
+        """Whether the tokens already sampled (some maybe still pending) reach a length limit."""
+        if not request.num_pending:
+            return False  # a request at its limit with nothing pending has been finished
+        num_outputs = request.num_output_tokens + request.num_pending
+        return (
+            num_outputs >= request.sampling_params.max_tokens
+            or request.num_tokens + request.num_pending >= self.max_model_len
+        )
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
@@ -181,26 +205,35 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance the scheduled requests; append sampled tokens; return those that finished."""
+        """Take a finished step's sampled tokens; return the requests that finished."""
         finished = []
         for chunk in output.chunks:
             request = chunk.request
-            if request.is_finished:  # aborted while the step ran
+            request.num_pending -= chunk.samples
+            if request.is_finished:  # aborted, or stopped by an earlier step, while this one ran
                 continue
-            request.num_computed_tokens = chunk.end
+            if request.status == RequestStatus.PREEMPTED:
+                # Preempted while the step ran (its images were released then); the token stands.
+                token = sampled.get(request.request_id)
+                if token is not None and self._append(request, token):
+                    finished.append(request)
+                continue
             done = {f.mm_hash for f in request.mm_features if f.offset + f.length <= chunk.end}
             pending = {f.mm_hash for f in request.mm_features if f.offset + f.length > chunk.end}
             for mm_hash in done - pending:  # an image twice in a prompt: kept for its second use
                 self.encoder_cache.release(request, mm_hash)
             token = sampled.get(request.request_id)
-            if token is None:
-                continue
-            request.append_output_token(token)
-            status = self._check_stop(request, token)
-            if status is not None:
-                self.finish(request, status)
+            if token is not None and self._append(request, token):
                 finished.append(request)
         return finished
+
+    def _append(self, request: Request, token: int) -> bool:
+        """Append a sampled token; finish the request (True) if it stops there."""
+        request.append_output_token(token)
+        status = self._check_stop(request, token)
+        if status is not None:
+            self.finish(request, status)
+        return status is not None
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params

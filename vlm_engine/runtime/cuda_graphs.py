@@ -15,6 +15,7 @@ import torch
 
 from vlm_engine.models.gemma3 import Gemma3Model
 from vlm_engine.runtime.forward_context import ForwardContext
+from vlm_engine.runtime.input_batch import PendingIds, fill_pending
 
 logger = logging.getLogger("vlm_engine")
 
@@ -82,12 +83,15 @@ class CudaGraphRunner:
         slot_mapping: torch.Tensor,
         block_tables: torch.Tensor,
         seq_lens: torch.Tensor,
+        pending: PendingIds | None = None,
     ) -> torch.Tensor:
         """One decode token per sequence -> logits [num_seqs, vocab] (a view: copy to keep).
-        Inputs may be on the device or in pinned host memory (copied asynchronously)."""
+        Inputs may be on the device or in pinned host memory (copied asynchronously); `pending`
+        overwrites input ids the previous step sampled on the device."""
         n = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        fill_pending(self.input_ids, pending)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
         self.seq_lens[:n].copy_(seq_lens, non_blocking=True)

@@ -32,6 +32,22 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+# Where a step's pending input tokens go (token rows on the device; None: the first rows, in
+# order) and their ids on the device, sampled by the step before.
+PendingIds = tuple[torch.Tensor | None, torch.Tensor]
+
+
+def fill_pending(input_ids: torch.Tensor, pending: PendingIds | None) -> None:
+    """Write the pending token ids into a step's input ids, on the device."""
+    if pending is None:
+        return
+    rows, values = pending
+    if rows is None:
+        input_ids[: values.shape[0]].copy_(values)
+    else:
+        input_ids[rows] = values
+
+
 class BlockTableRows:
     def __init__(self, max_rows: int, max_blocks: int, device: torch.device):
         self.max_blocks = max_blocks
@@ -85,7 +101,9 @@ class DecodeInputs:
         """Inputs of the step as views of the pinned buffers (valid until the next fill)."""
         n = len(chunks)
         positions = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
-        ids = np.fromiter((c.request.all_token_ids[c.start] for c in chunks), np.int64, count=n)
+        ids = np.fromiter(
+            (_known_token(c.request.all_token_ids, c.start) for c in chunks), np.int64, n
+        )
         tables = table.tables(rows)  # [n, width]
         width = tables.shape[1]
         bs = self.block_size
@@ -96,9 +114,13 @@ class DecodeInputs:
         self.seq_lens.numpy()[:n] = positions + 1
         self.block_tables.numpy()[:n, :width] = tables
         return (
-            self.input_ids[:n],
+            self.input_ids[:n],  # pending tokens (0 here) are filled in on the device
             self.positions[:n],
             self.slot_mapping[:n],
             self.block_tables[:n, :width],
             self.seq_lens[:n],
         )
+
+
+def _known_token(token_ids: Sequence[int], position: int) -> int:
+    return token_ids[position] if position < len(token_ids) else 0  # 0: pending

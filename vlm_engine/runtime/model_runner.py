@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -18,7 +19,13 @@ from vlm_engine.runtime.cuda_graphs import CudaGraphRunner
 from vlm_engine.runtime.encoder_runner import EncoderRunner
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.runtime.greedy import allocate_kv_caches
-from vlm_engine.runtime.input_batch import BlockTableRows, DecodeInputs, to_device
+from vlm_engine.runtime.input_batch import (
+    BlockTableRows,
+    DecodeInputs,
+    PendingIds,
+    fill_pending,
+    to_device,
+)
 from vlm_engine.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 
 
@@ -26,6 +33,15 @@ from vlm_engine.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, Sa
 class ModelRunnerOutput:
     sampled: dict[str, int]  # request id -> new token, for chunks that sample
     logprobs: dict[str, list[tuple[int, float, int]]]  # request id -> (token, logprob, rank)...
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: its sampler's results are copied to `host` as it ends."""
+
+    requests: list[Request]  # those that sample, in the order of the rows of `host`
+    host: SamplerOutput | None  # pinned host copies (None: nothing samples)
+    done: torch.cuda.Event | None  # recorded after the copies (None off a GPU)
 
 
 class ModelRunner:
@@ -50,31 +66,58 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None
         max_blocks = -(-max_model_len // block_size)
         self.block_rows = BlockTableRows(max_num_seqs, max_blocks, self.device)
-        self.decode_inputs = DecodeInputs(max_num_seqs, max_blocks, block_size, self.device)
+        self.decode_inputs = [
+            DecodeInputs(max_num_seqs, max_blocks, block_size, self.device) for _ in range(2)
+        ]
+        self._decode_parity = 0
+        self._sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # last step's ids
+        self._sampled_row: dict[str, int] = {}  # request id -> its row in `_sampled`
         self.prepare_seconds = 0.0  # host time spent building step inputs
         self.vocab_size = model.config.text.vocab_size
 
-    @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        """Run a step and wait for its sampled tokens."""
+        return self.collect(self.launch(step))
+
+    @torch.inference_mode()
+    def launch(self, step: SchedulerOutput) -> LaunchedStep:
+        """Queue a step's work on the device and return without waiting for it. Input tokens
+        not yet on the host (pending) are those the previous launched step sampled."""
         self.release(step)
         self.encoder.run(step.chunks)
         start = time.perf_counter()
         rows = self.block_rows.rows(step.chunks)
         if self._graph_step(step):
-            inputs = self.decode_inputs.fill(step.chunks, rows, self.block_rows)
+            self._decode_parity ^= 1  # the other buffers: the previous step may still read these
+            inputs = self.decode_inputs[self._decode_parity].fill(
+                step.chunks, rows, self.block_rows
+            )
+            pending = self._pending_ids(step.chunks)
             self.prepare_seconds += time.perf_counter() - start
-            logits = self.graphs.run(*inputs)
+            logits = self.graphs.run(*inputs, pending=pending)
             return self._sample(logits, [c.request for c in step.chunks])
         ids, ctx, image_embeds, image_rows = self._prepare_inputs(step.chunks, rows)
         self.prepare_seconds += time.perf_counter() - start
         hidden = self.model(ids, ctx, image_embeds, image_rows)
         sampling = [c for c in step.chunks if c.samples]
         if not sampling:
-            return ModelRunnerOutput({}, {})
+            return LaunchedStep([], None, None)
         ends = itertools.accumulate(c.num_tokens for c in step.chunks)  # on the host: no sync
         last = [end - 1 for end, c in zip(ends, step.chunks, strict=True) if c.samples]
         logits = self.model.compute_logits(hidden[self._to_device(torch.tensor(last))])
         return self._sample(logits, [c.request for c in sampling])
+
+    def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for a launched step and read its sampled tokens (and logprobs)."""
+        if launched.host is None:
+            return ModelRunnerOutput({}, {})
+        if launched.done is not None:
+            launched.done.synchronize()
+        out, requests = launched.host, launched.requests
+        ids = [r.request_id for r in requests]
+        sampled = dict(zip(ids, out.sampled_token_ids.tolist(), strict=True))
+        logprobs = _logprob_entries(out, requests) if out.logprobs is not None else {}
+        return ModelRunnerOutput(sampled, logprobs)
 
     def release(self, step: SchedulerOutput) -> None:
         """Forget what the step says is gone: evicted image embeddings, and the batch rows of
@@ -103,7 +146,8 @@ class ModelRunner:
         offset, bs = 0, self.block_size
         tables = self.block_rows.tables(rows)  # [S, width]
         for chunk, table in zip(chunks, tables, strict=True):
-            ids += chunk.request.all_token_ids[chunk.start : chunk.end]
+            known = chunk.request.all_token_ids[chunk.start : chunk.end]
+            ids += known + [0] * (chunk.num_tokens - len(known))  # pending: filled on the device
             positions = np.arange(chunk.start, chunk.end)
             slots.append(table[positions // bs].astype(np.int64) * bs + positions % bs)
             embeds += self._image_rows(chunk, mask[offset : offset + chunk.num_tokens])
@@ -120,6 +164,7 @@ class ModelRunner:
         image_embeds = torch.cat(embeds) if embeds else None
         image_rows = self._to_device(torch.from_numpy(np.flatnonzero(mask))) if embeds else None
         ids = self._to_device(torch.tensor(ids, dtype=torch.int64))
+        fill_pending(ids, self._pending_ids(chunks))
         return ids, ctx, image_embeds, image_rows
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
@@ -141,15 +186,43 @@ class ModelRunner:
                 base += group.length
         return slices
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> ModelRunnerOutput:
+    def _pending_ids(self, chunks: list[ScheduledChunk]) -> PendingIds | None:
+        """Where the step's pending input tokens go (token rows on the device, or None for the
+        first rows in order) and their ids, from the previous launched step's samples."""
+        rows, sources, offset = [], [], 0
+        for chunk in chunks:
+            if chunk.start >= chunk.request.num_tokens:  # a one-token chunk
+                rows.append(offset)
+                sources.append(self._sampled_row[chunk.request.request_id])
+            offset += chunk.num_tokens
+        if not rows:
+            return None
+        if rows == sources == list(range(len(rows))):  # the same requests, in the same order
+            return None, self._sampled[: len(rows)]
+        rows_device = self._to_device(torch.tensor(rows))
+        return rows_device, self._sampled[self._to_device(torch.tensor(sources))]
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> LaunchedStep:
         batch = SamplingBatch.from_rows(
             [_sampling_row(r) for r in requests], self.vocab_size, self.device
         )
         out = self.sampler(logits, batch)
-        ids = [r.request_id for r in requests]
-        sampled = dict(zip(ids, out.sampled_token_ids.tolist(), strict=True))
-        logprobs = _logprob_entries(out, requests) if out.logprobs is not None else {}
-        return ModelRunnerOutput(sampled, logprobs)
+        self._sampled = out.sampled_token_ids
+        self._sampled_row = {r.request_id: i for i, r in enumerate(requests)}
+        host = SamplerOutput(*(_to_host(t) for t in dataclasses.astuple(out)))
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return LaunchedStep(requests, host, done)
+
+
+def _to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A pinned host copy, made without blocking (the caller waits on an event to read it)."""
+    if tensor is None or tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _logprob_entries(out: SamplerOutput, requests: list[Request]):
@@ -176,4 +249,5 @@ def _sampling_row(request: Request) -> SamplingRow:
         request.output_token_ids,
         request.generator,
         frozenset(stop_ids),
+        request.num_pending - 1,  # the pending tokens before this step's own
     )

@@ -40,6 +40,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None  # per-request seeded generator, or None
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) + params.stop_token_ids
+    num_pending_outputs: int = 0  # earlier output tokens sampled but not yet in output_token_ids
 
 
 @dataclass
@@ -289,7 +290,7 @@ def _blocked_stop_ids(
     pairs = [
         (i, token_id)
         for i, row in enumerate(rows)
-        if len(row.output_token_ids) < row.params.min_tokens
+        if len(row.output_token_ids) + row.num_pending_outputs < row.params.min_tokens
         for token_id in sorted(row.stop_token_ids)
         if token_id < vocab_size
     ]
