@@ -144,6 +144,19 @@ def test_prefix_cache_hits_keep_outputs_exact(checkpoint, images, reference, asy
     assert second[3].num_cached_tokens >= 16
 
 
+def test_requests_one_at_a_time(checkpoint, images, reference):
+    """Each request alone, its prompt in chunks after cached context: on a GPU these steps
+    replay the single-sequence prompt-chunk CUDA graphs (padded token counts)."""
+    engine = Engine(checkpoint, device=DEVICE, dtype="float32", max_num_batched_tokens=40)
+    for (text, ids, n), expected in zip(SPECS, reference, strict=True):
+        params = SamplingParams(temperature=0, max_tokens=n, min_tokens=n)
+        (out,) = engine.generate({"prompt": text, "images": [images[i] for i in ids]}, params)
+        assert out.token_ids == expected
+    assert engine.core.all_blocks_free()
+    if DEVICE == "cuda":
+        assert engine.stats()["scheduler"]["cuda_graph_replays"]["prompt_chunk"] >= len(SPECS)
+
+
 def test_different_image_same_tokens_does_not_hit(checkpoint, images):
     """Image tokens all have the same id: only the image hash tells the blocks apart."""
     engine = Engine(checkpoint, device=DEVICE, dtype="float32", block_size=4)

@@ -176,6 +176,25 @@ def test_image_groups_attend_bidirectionally(window, block_size):
     check_against_ref(query, ctx, window)
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_one_sequence_padded_to_a_graph_size(window):
+    """The prompt-chunk CUDA graphs run one sequence's chunk padded to a captured token count:
+    query rows past query_start_loc[1] (padding, whatever they hold) change nothing."""
+    n, padded = 22, 48
+    query, ctx = make_step([n], [50], [[ImageGroup(30, 12)]], block_size=4, group=2)
+    expected = run_kernel(query, ctx, window, max_query_len=n)
+    garbage = torch.randn(padded - n, *query.shape[1:], dtype=query.dtype, device=DEVICE)
+    fill = lambda t, value: torch.cat([t, torch.full((padded - n,), value, device=DEVICE)])  # noqa: E731
+    padded_ctx = ForwardContext(
+        positions=fill(ctx.positions, 0), kv_limits=fill(ctx.kv_limits, 1),
+        query_start_loc=ctx.query_start_loc, seq_lens=ctx.seq_lens, query_lens_cpu=[padded],
+        seq_lens_cpu=[padded], block_tables=ctx.block_tables, kv_caches=ctx.kv_caches,
+    )  # fmt: skip
+    out = run_kernel(torch.cat([query, garbage]), padded_ctx, window, max_query_len=padded)
+    torch.testing.assert_close(out[:n], expected, rtol=0, atol=0)
+    check_against_ref(query, ctx, window, max_query_len=n)
+
+
 def test_odd_group_strided_query_and_empty_query():
     # 3 query heads per KV head (padded to 4 rows), the query a strided slice of a wider
     # projection, and a sequence with no query tokens this step.

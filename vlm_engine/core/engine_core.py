@@ -67,7 +67,9 @@ class EngineCore:
         self.async_scheduling = async_scheduling
         self._in_flight: _StepInFlight | None = None  # launched, outputs not yet taken
         if config.use_cuda_graphs and self.runner.device.type == "cuda":
-            self.runner.enable_cuda_graphs(config.max_num_seqs, max_model_len)
+            self.runner.enable_cuda_graphs(
+                config.max_num_seqs, max_model_len, config.max_num_batched_tokens
+            )
 
     def add_request(self, request: Request) -> None:
         seed = request.sampling_params.seed
@@ -187,6 +189,12 @@ class EngineCore:
         stats["ec_connector"] = connector.stats() if connector is not None else {"enabled": False}
         stats["num_steps"] = self.num_steps
         stats["vision_encoder"] = self.runner.encoder.stats()
+        runner = self.runner
+        if runner.graphs is not None:
+            stats["cuda_graph_replays"] = {
+                "decode": runner.graphs.num_replays,
+                "prompt_chunk": runner.prefill_graphs.num_replays,
+            }
         steps = max(self.num_steps, 1)
         seconds = {**self.step_seconds, "prepare_inputs": self.runner.prepare_seconds}
         stats["step_time_ms"] = {k: v / steps * 1e3 for k, v in seconds.items()}

@@ -218,9 +218,10 @@ class Gemma3Model(nn.Module):
         # input_ids: [T]  image_mask: the rows that take image_embeds, as a [T] bool mask or as
         # int64 row indices (what the runner passes: no device sync to count or find them)
         # image_embeds: [rows, hidden] in token order -> hidden states [T, hidden]
-        return self.language_model(self._embed_inputs(input_ids, image_embeds, image_mask), ctx)
+        return self.language_model(self.embed_inputs(input_ids, image_embeds, image_mask), ctx)
 
-    def _embed_inputs(self, input_ids, image_embeds, image_mask) -> torch.Tensor:
+    def embed_inputs(self, input_ids, image_embeds, image_mask) -> torch.Tensor:
+        """Token embeddings [T, hidden] with the image rows taken from `image_embeds`."""
         image = self.config.image_tokens
         if image is not None and image.image_token_id >= self.config.text.vocab_size:
             # transformers embeds an out-of-vocabulary image token id as the pad token

@@ -1,9 +1,13 @@
-"""Decode-only steps replayed from captured CUDA graphs, one graph per padded batch size.
+"""Steps replayed from captured CUDA graphs: decode-only steps, one graph per padded batch size,
+and prompt chunks of a single sequence, one graph per padded token count.
 
-A decode step runs the same kernels every time, only on other data: the graph of the smallest
-captured size that fits is replayed after the step's inputs are copied into its static buffers.
-Padding rows write no KV (slot -1) and read one harmless cache slot; their logits are dropped.
-Steps with prefill chunks, images, or more sequences than the largest graph run eagerly.
+A step of either kind runs the same kernels every time, only on other data: the graph of the
+smallest captured size that fits is replayed after the step's inputs are copied into its static
+buffers. Every kernel takes its sizes from device tensors (the attention kernel's grid depends
+on the padded shape only), so one graph serves any context length and any image layout.
+Padding rows write no KV (slot -1); their outputs are never read. A single-sequence graph starts
+from the input embeddings (image rows already placed) and returns the logits of the last real
+token. Steps with several sequences of which some prefill, or larger ones, run eagerly.
 """
 
 from __future__ import annotations
@@ -24,6 +28,27 @@ def capture_sizes(max_batch: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
     sizes += list(range(16, max_batch, 16))
     return [*sizes, max_batch]
+
+
+def prefill_sizes(max_tokens: int) -> list[int]:
+    """Token counts of the single-sequence graphs: every 16 up to 256, then every 64."""
+    sizes = [s for s in range(16, 257, 16) if s < max_tokens]
+    sizes += [s for s in range(320, max_tokens, 64)]
+    return [*sizes, max_tokens]
+
+
+def _capture(forward, sizes: list[int]) -> tuple[dict, dict]:
+    """One graph per size, largest first so that the smaller ones reuse its memory pool."""
+    graphs, outputs, pool = {}, {}, None
+    for size in reversed(sizes):
+        forward(size)  # warm-up: kernels compiled, allocator settled
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    return graphs, outputs
 
 
 class CudaGraphRunner:
@@ -49,18 +74,11 @@ class CudaGraphRunner:
         self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, **ints)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
 
     @torch.inference_mode()
     def capture(self) -> None:
-        pool = None
-        for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
-            self._forward(size)  # warm-up: kernels compiled, allocator settled
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[size] = self._forward(size)
-            pool = graph.pool()
-            self.graphs[size] = graph
+        self.graphs, self.logits = _capture(self._forward, self.sizes)
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.sizes), self.sizes)
 
     def _forward(self, size: int) -> torch.Tensor:
@@ -104,4 +122,72 @@ class CudaGraphRunner:
             self.positions[n:size].zero_()
             self.block_tables[n:size].zero_()
         self.graphs[size].replay()
+        self.num_replays += 1
         return self.logits[size][:n]
+
+
+class PrefillGraphRunner:
+    """Graphs of one sequence's prompt chunk (any context before it), by padded token count."""
+
+    def __init__(
+        self, model: Gemma3Model, kv_caches: list[torch.Tensor], max_tokens: int, max_blocks: int
+    ):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = prefill_sizes(max_tokens)
+        weight = model.language_model.embed_tokens.weight
+        longs = dict(dtype=torch.int64, device=weight.device)
+        ints = dict(dtype=torch.int32, device=weight.device)
+        self.embeds = torch.zeros(
+            max_tokens, weight.shape[1], dtype=weight.dtype, device=weight.device
+        )
+        self.positions = torch.zeros(max_tokens, **longs)
+        self.kv_limits = torch.ones(max_tokens, **longs)
+        self.slot_mapping = torch.full((max_tokens,), -1, **longs)
+        self.query_start_loc = torch.tensor([0, 1], **ints)
+        self.seq_lens = torch.ones(1, **ints)
+        self.block_tables = torch.zeros(1, max_blocks, **ints)
+        self.last = torch.zeros(1, **longs)  # row of the last real token
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        self.graphs, self.logits = _capture(self._forward, self.sizes)
+        logger.info(
+            "captured %d prompt-chunk CUDA graphs (up to %d tokens)",
+            len(self.sizes),
+            self.sizes[-1],
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        ctx = ForwardContext(
+            positions=self.positions[:size], kv_limits=self.kv_limits[:size],
+            query_start_loc=self.query_start_loc, seq_lens=self.seq_lens, query_lens_cpu=[size],
+            seq_lens_cpu=[size], slot_mapping=self.slot_mapping[:size],
+            block_tables=self.block_tables, kv_caches=self.kv_caches, max_query_len=size,
+        )  # fmt: skip
+        hidden = self.model.language_model(self.embeds[:size], ctx)
+        return self.model.compute_logits(hidden[self.last])
+
+    def fits(self, num_tokens: int, num_blocks: int) -> bool:
+        return num_tokens <= self.sizes[-1] and num_blocks <= self.block_tables.shape[1]
+
+    def run(self, embeds: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """One sequence's chunk: embeddings [T, hidden] and its context (built for that single
+        sequence, on the device) -> logits of its last token [1, vocab] (a view: copy to keep)."""
+        n = embeds.shape[0]
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.embeds[:n].copy_(embeds)
+        self.positions[:n].copy_(ctx.positions)
+        self.kv_limits[:n].copy_(ctx.kv_limits)
+        self.slot_mapping[:n].copy_(ctx.slot_mapping)
+        self.slot_mapping[n:size].fill_(-1)  # padding rows: no KV write
+        self.query_start_loc.copy_(ctx.query_start_loc)
+        self.seq_lens.copy_(ctx.seq_lens)
+        self.block_tables[:, : ctx.block_tables.shape[1]].copy_(ctx.block_tables)
+        self.last.fill_(n - 1)
+        self.graphs[size].replay()
+        self.num_replays += 1
+        return self.logits[size]

@@ -15,7 +15,7 @@ from vlm_engine.caches.ec_connector import ECConnector
 from vlm_engine.core.request import Request
 from vlm_engine.core.scheduler import ScheduledChunk, SchedulerOutput
 from vlm_engine.models.gemma3 import Gemma3Model
-from vlm_engine.runtime.cuda_graphs import CudaGraphRunner
+from vlm_engine.runtime.cuda_graphs import CudaGraphRunner, PrefillGraphRunner
 from vlm_engine.runtime.encoder_runner import EncoderRunner
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.runtime.greedy import allocate_kv_caches
@@ -64,6 +64,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.encoder = EncoderRunner(model, connector, normalize)
         self.graphs: CudaGraphRunner | None = None
+        self.prefill_graphs: PrefillGraphRunner | None = None
         max_blocks = -(-max_model_len // block_size)
         self.block_rows = BlockTableRows(max_num_seqs, max_blocks, self.device)
         self.decode_inputs = [
@@ -98,10 +99,16 @@ class ModelRunner:
             return self._sample(logits, [c.request for c in step.chunks])
         ids, ctx, image_embeds, image_rows = self._prepare_inputs(step.chunks, rows)
         self.prepare_seconds += time.perf_counter() - start
+        if self._prefill_graph_step(step):
+            (chunk,) = step.chunks
+            logits = self.prefill_graphs.run(
+                self.model.embed_inputs(ids, image_embeds, image_rows), ctx
+            )
+            return self._sample(logits, [chunk.request]) if chunk.samples else _NOTHING_SAMPLED
         hidden = self.model(ids, ctx, image_embeds, image_rows)
         sampling = [c for c in step.chunks if c.samples]
         if not sampling:
-            return LaunchedStep([], None, None)
+            return _NOTHING_SAMPLED
         ends = itertools.accumulate(c.num_tokens for c in step.chunks)  # on the host: no sync
         last = [end - 1 for end, c in zip(ends, step.chunks, strict=True) if c.samples]
         logits = self.model.compute_logits(hidden[self._to_device(torch.tensor(last))])
@@ -125,10 +132,15 @@ class ModelRunner:
         self.drop_encoder_outputs(step.free_encoder_hashes)
         self.block_rows.release(itertools.chain(step.finished_ids, step.preempted_ids))
 
-    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_tokens: int) -> None:
+        """Capture decode graphs up to `max_batch` sequences, and single-sequence prompt-chunk
+        graphs up to `max_tokens` tokens (capped: past ~1k tokens the GPU work dwarfs launches)."""
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = CudaGraphRunner(self.model, self.kv_caches, max_batch, max_blocks)
         self.graphs.capture()
+        max_tokens = min(max_tokens, MAX_PREFILL_GRAPH_TOKENS)
+        self.prefill_graphs = PrefillGraphRunner(self.model, self.kv_caches, max_tokens, max_blocks)
+        self.prefill_graphs.capture()
 
     def _graph_step(self, step: SchedulerOutput) -> bool:
         if self.graphs is None or step.free_encoder_hashes:
@@ -136,6 +148,14 @@ class ModelRunner:
         chunks = step.chunks
         return all(c.num_tokens == 1 and c.samples and not c.encoder_inputs for c in chunks) and (
             self.graphs.fits(len(chunks), max(len(c.block_ids) for c in chunks))
+        )
+
+    def _prefill_graph_step(self, step: SchedulerOutput) -> bool:
+        chunks = step.chunks
+        return (
+            self.prefill_graphs is not None
+            and len(chunks) == 1
+            and self.prefill_graphs.fits(chunks[0].num_tokens, len(chunks[0].block_ids))
         )
 
     def drop_encoder_outputs(self, mm_hashes: list[str]) -> None:
@@ -215,6 +235,10 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
         return LaunchedStep(requests, host, done)
+
+
+_NOTHING_SAMPLED = LaunchedStep([], None, None)
+MAX_PREFILL_GRAPH_TOKENS = 1024
 
 
 def _to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
