@@ -62,7 +62,7 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None  # [B] float32
     prompt_token_ids: torch.Tensor | None  # [B, P] int64 padded with V; set with repetition_penalty
     output_token_ids: torch.Tensor | None  # [B, O] int64 padded with V; set with any penalty
-    blocked_stop_ids: torch.Tensor | None  # [2, N] int64 (row, token id) masked for min_tokens
+    blocked_stop_ids: torch.Tensor | None  # [N] int64 row * V + token id, masked for min_tokens
     generators: dict[int, torch.Generator]  # row -> its request's generator (non-greedy rows)
     max_num_logprobs: int | None  # most top logprobs any row asks for; None if no row asks
 
@@ -133,7 +133,9 @@ class Sampler:
         logits = logits.to(torch.float32, copy=True)  # [B, V]; the caller's tensor stays intact
         raw_logprobs = None if batch.max_num_logprobs is None else logits.log_softmax(-1)
         if batch.blocked_stop_ids is not None:
-            logits[batch.blocked_stop_ids[0], batch.blocked_stop_ids[1]] = float("-inf")
+            # index_fill_ takes the value as a kernel argument; `logits[rows, ids] = value` would
+            # copy it to the device first, a copy that waits for the forward pass to finish.
+            logits.view(-1).index_fill_(0, batch.blocked_stop_ids, float("-inf"))
         logits = apply_penalties(logits, batch)
         sampled = self._sample(logits, batch)  # [B]
         if raw_logprobs is None:
@@ -285,18 +287,16 @@ def _pad(sequences: Sequence[Sequence[int]], pad: int, device: torch.device) -> 
 def _blocked_stop_ids(
     rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
 ) -> torch.Tensor | None:
-    """(row, token id) pairs of stop tokens that rows short of min_tokens may not sample.
+    """Flat logits indices of the stop tokens that rows short of min_tokens may not sample.
     Ids outside the logits can never be sampled, so they need no mask."""
-    pairs = [
-        (i, token_id)
+    flat = [
+        i * vocab_size + token_id
         for i, row in enumerate(rows)
         if len(row.output_token_ids) + row.num_pending_outputs < row.params.min_tokens
         for token_id in sorted(row.stop_token_ids)
         if token_id < vocab_size
     ]
-    if not pairs:
-        return None
-    return _to_device(pairs, torch.int64, device).T  # [2, N]
+    return _to_device(flat, torch.int64, device) if flat else None  # [N] into logits.view(-1)
 
 
 def _generators(

@@ -143,6 +143,8 @@ class Gemma3ImageProcessor:
     def __init__(self, config: ImageProcessorConfig) -> None:
         self.config = config
         self._table = torch.from_numpy(_normalization_table(config))  # [3, 256] float32
+        # Per device, made once: a copy to a GPU at each step would wait for its queued work.
+        self._tables: dict[torch.device, torch.Tensor] = {}
 
     def num_crops(self, width: int, height: int) -> int:
         """Pan-and-scan crops an image of this size gets (0 when off or not worth it)."""
@@ -190,7 +192,9 @@ class Gemma3ImageProcessor:
             raise ValueError(
                 f"expected uint8 [..., 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}"
             )
-        table = self._table.to(pixels.device).flatten()  # [3 * 256]
+        table = self._tables.get(pixels.device)
+        if table is None:
+            table = self._tables.setdefault(pixels.device, self._table.to(pixels.device).flatten())
         offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=pixels.device)
         index = pixels.to(torch.int32) + offsets.view(3, 1, 1)  # [..., 3, H, W]
         return table.index_select(0, index.flatten()).view(pixels.shape)
