@@ -208,7 +208,7 @@ def bench_host_overhead(engine, hf, args, own=None) -> list[str]:
         f"{step:.2f} | | |",
         f"| | host: schedule / prepare inputs / update (ms) | {ms['schedule']:.2f} / "
         f"{prepare:.2f} / {ms['update']:.2f} | | host {host / step:.0%} of the step |",
-        f"| | execute: forward + sampling, incl. host waits (ms) | "
+        f"| | execute: launch, and waiting for the step before (ms) | "
         f"{ms['execute'] - prepare:.2f} | | |",
     ]
 
