@@ -74,8 +74,11 @@ def main() -> None:
                 ]
                 if args.skip_captioning:
                     command.append("--skip-captioning")
-                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                print(out.strip().splitlines()[-1], flush=True)
+                done = subprocess.run(command, capture_output=True, text=True)
+                rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
+                print(rows[-1] if rows else done.stderr[-2000:], flush=True)
+                if done.returncode:  # reported, not hidden: the row (if any) was measured
+                    print(f"(that process exited with code {done.returncode})", flush=True)
 
 
 if __name__ == "__main__":

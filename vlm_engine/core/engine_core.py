@@ -201,10 +201,14 @@ class EngineCore:
         return stats
 
     def close(self) -> None:
-        """Finish pending connector saves and release the KV cache."""
+        """Finish pending connector saves, wait for the step in flight, and release the device
+        memory the core holds (KV cache, graphs, image embeddings, pinned buffers)."""
         if self.connector is not None:
             self.connector.close()
-        self.runner.kv_caches = []
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            self.runner.collect(in_flight.launched)
+        self.runner.close()
 
     def all_blocks_free(self) -> bool:
         encoder = self.scheduler.encoder_cache

@@ -73,6 +73,10 @@ class EncoderRunner:
             if self.connector is not None:
                 self.connector.save(mm_hash, self.cache[mm_hash])
 
+    def close(self) -> None:
+        self.cache.clear()
+        self._staging = self._staged = None
+
     def _upload(self, items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """The step's pixels, concatenated, on the device. To a GPU through a pinned staging
         buffer kept across steps: no copy waits for queued work, and no fresh allocation

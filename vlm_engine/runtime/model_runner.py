@@ -126,6 +126,18 @@ class ModelRunner:
         logprobs = _logprob_entries(out, requests) if out.logprobs is not None else {}
         return ModelRunnerOutput(sampled, logprobs)
 
+    def close(self) -> None:
+        """Let go of the device memory: KV cache, CUDA graphs, embeddings, pinned buffers."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.kv_caches = []
+        self.graphs = self.prefill_graphs = None
+        self.encoder.close()
+        self._sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.decode_inputs = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back: a later engine sizes by them
+
     def release(self, step: SchedulerOutput) -> None:
         """Forget what the step says is gone: evicted image embeddings, and the batch rows of
         requests that finished or were preempted. Also for steps with nothing to run."""
