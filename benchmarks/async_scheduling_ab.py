@@ -19,18 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 
 import gpu_runtime  # noqa: E402
 
-from vlm_engine import Engine  # noqa: E402
-
 
 def run_one(path: Path, core_process: bool, async_scheduling: bool, captioning: bool) -> str:
     args = argparse.Namespace(
         num_images=256, output_len=128, max_num_seqs=256, max_num_batched_tokens=2048,
         encoder_compute_budget=4096,
     )  # fmt: skip
-    engine = Engine(
-        path, device="cuda", load_format="dummy", max_num_seqs=256, max_model_len=4096,
-        gpu_memory_utilization=0.5, core_process=core_process, async_scheduling=async_scheduling,
-    )  # fmt: skip
+    engine = gpu_runtime.make_engine(path, args, core_process, async_scheduling)
     first = gpu_runtime.single_stream_ms(engine, args)
     images_per_s = args.num_images / gpu_runtime.caption_seconds(engine, args) if captioning else 0
     again = gpu_runtime.single_stream_ms(engine, args)

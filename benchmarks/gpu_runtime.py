@@ -213,7 +213,9 @@ def bench_host_overhead(engine, hf, args, own=None) -> list[str]:
     ]
 
 
-def make_engine(path: Path, args, core_process: bool) -> Engine:
+def make_engine(
+    path: Path, args, core_process: bool, async_scheduling: bool | None = None
+) -> Engine:
     # Half the GPU for the engine: transformers runs in the same process beside it.
     return Engine(
         path,
@@ -225,6 +227,7 @@ def make_engine(path: Path, args, core_process: bool) -> Engine:
         max_model_len=4096,
         gpu_memory_utilization=0.5,
         core_process=core_process,
+        async_scheduling=async_scheduling,
     )
 
 

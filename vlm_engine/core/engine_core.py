@@ -205,9 +205,7 @@ class EngineCore:
         memory the core holds (KV cache, graphs, image embeddings, pinned buffers)."""
         if self.connector is not None:
             self.connector.close()
-        if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            self.runner.collect(in_flight.launched)
+        self._in_flight = None  # its tokens are not wanted; runner.close() waits for the device
         self.runner.close()
 
     def all_blocks_free(self) -> bool:

@@ -86,12 +86,9 @@ class EncoderRunner:
         rows = sum(item.shape[0] for item in items)
         shape = (rows, *items[0].shape[1:])
         numel = math.prod(shape)
-        if (
-            self._staging is None
-            or self._staging.numel() < numel
-            or (self._staging.dtype != items[0].dtype)
-        ):
-            size = max(numel, 2 * (0 if self._staging is None else self._staging.numel()))
+        staging = self._staging
+        if staging is None or staging.numel() < numel or staging.dtype != items[0].dtype:
+            size = max(numel, 2 * staging.numel()) if staging is not None else numel
             self._staging = torch.empty(size, dtype=items[0].dtype, pin_memory=True)
             self._staged = None
         if self._staged is not None:
