@@ -24,23 +24,10 @@ pytestmark = pytest.mark.skipif(triton_attention.triton is None, reason="triton 
 
 
 @pytest.fixture(autouse=True)
-def interpret_on_cpu(monkeypatch):
-    """Without CUDA: for this test, what TRITON_INTERPRET=1 at import would have given.
-
-    The kernel and triton's own jitted library functions become interpreted functions, and
-    everything is restored afterwards, so other tests never see the interpreter.
-    """
-    if CUDA:
-        return
-    import triton.language as tl
-    from triton.runtime import JITFunction
-    from triton.runtime.interpreter import InterpretedFunction
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for namespace in (triton_attention, split_kv, tl, tl.standard):
-        for name, value in vars(namespace).items():
-            if isinstance(value, JITFunction):
-                monkeypatch.setattr(namespace, name, InterpretedFunction(value.fn))
+def interpret_on_cpu(interpret):
+    """Without CUDA the kernels run on Triton's interpreter (see conftest.py)."""
+    if not CUDA:
+        interpret(triton_attention, split_kv)
 
 
 def make_step(

@@ -6,14 +6,11 @@ at small sizes; with one, the same tests run natively and the bf16/fp16 tests us
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-import triton.language as tl  # noqa: E402
 
 from vlm_engine.kernels import (  # noqa: E402
     triton_activation,
@@ -46,42 +43,13 @@ if not CUDA:
     LOW_PRECISION_SIZES = {"num_tokens": 9, "hidden": (1152,), "head_dim": (256,)}
 
 
-@functools.cache
-def _interpreted_functions() -> list[tuple[object, str, object]]:
-    # (module, name, interpreted twin) for every @triton.jit function our kernels can reach.
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    return [
-        (module, name, InterpretedFunction(value.fn))
-        for module in (
-            triton_norm,
-            triton_rotary,
-            triton_kv_store,
-            triton_activation,
-            triton_qk_norm_rope,
-            tl,
-            tl.standard,
-        )
-        for name, value in vars(module).items()
-        if isinstance(value, JITFunction)
-    ]
-
-
 @pytest.fixture(autouse=True)
-def interpret_on_cpu(monkeypatch):
-    """Without CUDA, run this test's launches on the Triton interpreter, then restore everything.
-
-    triton.jit picks the interpreter when a function is decorated, and triton is usually imported
-    (torch._dynamo imports it) before any test could set TRITON_INTERPRET: so for the test's
-    duration the kernels, and triton.language's own jit helpers such as tl.sum, are swapped for
-    interpreted twins, rather than setting a process-wide variable at import.
-    """
-    if CUDA:
-        return
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for module, name, interpreted in _interpreted_functions():
-        monkeypatch.setattr(module, name, interpreted)
+def interpret_on_cpu(interpret):
+    """Without CUDA the kernels run on Triton's interpreter (see conftest.py)."""
+    if not CUDA:
+        interpret(
+            triton_norm, triton_rotary, triton_kv_store, triton_activation, triton_qk_norm_rope
+        )
 
 
 def _randn(*shape: int, gen: torch.Generator, scale: float = 1.0, dtype=torch.float32):

@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from vlm_engine.kernels.pdl import pdl_wait
 from vlm_engine.kernels.triton_import import jit, tl, triton
 
 MAX_SPLITS = 16
@@ -27,7 +28,9 @@ def attention_merge_kernel(
     stride_od,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # One program per (sequence, head): rescale each split to the common max and normalize.
     row = tl.program_id(0).to(tl.int64) * num_heads + tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_engine.kernels.pdl import pdl_options, pdl_wait
 from vlm_engine.kernels.split_kv import attention_merge_kernel, default_num_splits
 from vlm_engine.kernels.triton_import import jit, tl, triton
 
@@ -81,7 +82,9 @@ def paged_attention_kernel(
     COUNT_TILES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_SPLITS: tl.constexpr,  # > 1 only with ONE_QUERY_PER_SEQ
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     kv_head = tl.program_id(1)
     if ONE_QUERY_PER_SEQ:
         seq = tl.program_id(0)
@@ -322,13 +325,14 @@ def paged_attention(
         # fp32 inputs would otherwise go through TF32 on the GPU (~1e-3 error).
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         NUM_SPLITS=num_splits,
+        **pdl_options(query.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     if num_splits > 1:
         attention_merge_kernel[(num_seqs, num_heads)](
             out, split_acc, split_max, split_sum, num_heads, *out.stride(),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4, **pdl_options(query.device),
         )  # fmt: skip
     return out
 

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlm_engine.kernels.pdl import pdl_options, pdl_wait
+
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE_ELEMENTS = 4096  # elements of key (and of value) a program copies at once
 
@@ -51,7 +53,9 @@ def store_kv_kernel(
     head_dim,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -125,5 +129,6 @@ def store_kv(
         head_dim,
         BLOCK_H=block_h,
         BLOCK_D=block_d,
+        **pdl_options(key.device),
         num_warps=max(1, min(8, block_h * block_d // 512)),
     )

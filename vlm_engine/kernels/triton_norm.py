@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlm_engine.kernels.pdl import pdl_options, pdl_wait
+
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE_ELEMENTS = 4096  # elements of one tensor a program holds at once when rows are short
 _MAX_ROWS_PER_PROGRAM = 16
@@ -49,7 +51,9 @@ def rms_norm_kernel(
     eps,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # Row r of the flattened [num_tokens * num_heads, dim] view is x[r // num_heads, r % num_heads].
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -79,7 +83,9 @@ def post_norm_residual_pre_norm_kernel(
     eps,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     dtype = new_residual_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
@@ -132,6 +138,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         eps,
         BLOCK_ROWS=block_rows,
         BLOCK_D=block_d,
+        **pdl_options(x.device),
         num_warps=num_warps,
         enable_fp_fusion=False,
     )
@@ -186,6 +193,7 @@ def post_norm_residual_pre_norm(
         eps,
         BLOCK_ROWS=block_rows,
         BLOCK_D=block_d,
+        **pdl_options(h.device),
         num_warps=num_warps,
         enable_fp_fusion=False,
     )

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vlm_engine.kernels.pdl import pdl_options, pdl_wait
 from vlm_engine.kernels.triton_kv_store import _copy_heads
 from vlm_engine.kernels.triton_rotary import _rotate
 
@@ -97,7 +98,9 @@ def qk_norm_rope_store_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     dtype = q_out_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_HALF)
@@ -193,6 +196,7 @@ def qk_norm_rope_store(
         kv_cache.stride(0) if store else 0,
         num_q_heads, num_kv_heads, half, 1.0 / head_dim, eps,
         STORE=store, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+        **pdl_options(q.device),
         num_warps=max(1, min(8, block_hq * block_half // 256)),
         enable_fp_fusion=False,
     )  # fmt: skip

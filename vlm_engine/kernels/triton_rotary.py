@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlm_engine.kernels.pdl import pdl_options, pdl_wait
+
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE_ELEMENTS = 2048  # elements of each half a program rotates at once
 
@@ -73,7 +75,9 @@ def rotary_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     dtype = q_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_HALF)
@@ -139,6 +143,7 @@ def apply_rotary_(
         BLOCK_HQ=block_hq,
         BLOCK_HK=block_hk,
         BLOCK_HALF=block_half,
+        **pdl_options(q.device),
         num_warps=max(1, min(8, block_hq * block_half // 256)),
         enable_fp_fusion=False,
     )

@@ -11,15 +11,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlm_engine.kernels.activation import interleave_gate_up
 
-def fuse_linears(*linears: nn.Linear) -> nn.Linear:
-    """One Linear whose output is the outputs of `linears` side by side (in the given order)."""
+
+def fuse_linears(*linears: nn.Linear, interleave: bool = False) -> nn.Linear:
+    """One Linear whose output is the outputs of `linears` side by side (in the given order), or
+    for a gate and an up projection with `interleave`, their outputs alternating in groups
+    (kernels/activation.py)."""
     first = linears[0]
     if any(lin.in_features != first.in_features for lin in linears):
         raise ValueError("only Linear layers over the same input can be fused")
     if any((lin.bias is None) != (first.bias is None) for lin in linears):
         raise ValueError("fused Linear layers must all have a bias or all have none")
-    weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
+    if interleave:
+        if len(linears) != 2 or first.bias is not None:
+            raise ValueError("interleaving fuses two Linear layers without bias")
+        weight = interleave_gate_up(first.weight.detach(), linears[1].weight.detach())
+    else:
+        weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
     fused = nn.Linear(
         first.in_features, weight.shape[0], bias=first.bias is not None, device="meta"
     )

@@ -13,9 +13,10 @@ from torch import nn
 
 from vlm_engine.config import ModelConfig, TextConfig
 from vlm_engine.errors import InvalidInputError
-from vlm_engine.kernels.activation import gelu_and_mul
+from vlm_engine.kernels.activation import GATE_UP_GROUP
 from vlm_engine.kernels.attention import attention
 from vlm_engine.kernels.attention_inputs import norm_rope_store
+from vlm_engine.kernels.linear import linear
 from vlm_engine.kernels.norm import post_norm_residual_pre_norm, rms_norm
 from vlm_engine.kernels.rotary import Rotary, rope_inv_freq
 from vlm_engine.models.fusion import fuse_linears
@@ -44,13 +45,14 @@ class Gemma3MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return self.down_proj(gelu_and_mul(self.gate_up_proj(x)))
+            return linear(linear(x, self.gate_up_proj, act="gelu_mul"), self.down_proj)
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
     def fuse_projections(self) -> None:
-        if self.gate_up_proj is not None:
+        # gate and up rows interleaved (kernels/activation.py); an odd width stays unfused
+        if self.gate_up_proj is not None or self.gate_proj.out_features % GATE_UP_GROUP:
             return
-        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj, interleave=True)
         self.gate_proj = self.up_proj = None
 
 
@@ -85,13 +87,13 @@ class Gemma3Attention(nn.Module):
             ctx.slot_mapping if cache is not None else None,
         )  # fmt: skip
         out = attention(q, k, v, ctx, self.layer_idx, self.scale, self.window)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return linear(out.reshape(num_tokens, self.num_heads * self.head_dim), self.o_proj)
 
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # strided views
+        return linear(x, self.qkv_proj).split([q_size, kv_size, kv_size], dim=-1)  # strided views
 
     def fuse_projections(self) -> None:
         if self.qkv_proj is not None:

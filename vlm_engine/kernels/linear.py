@@ -1,0 +1,66 @@
+"""Projections of the decoder: cuBLAS, except for steps of a few tokens on a GPU.
+
+A decode step of up to `SKINNY_MAX_ROWS` tokens takes the Triton kernels of `triton_linear`,
+which stream the weights at a higher share of the memory bandwidth than cuBLAS at that size, can
+be launched before the kernel ahead of them finishes (PDL), and apply the MLP's activation in
+the gate/up projection's epilogue. Larger steps are compute-bound GEMMs and stay on cuBLAS.
+`SKINNY_MAX_ROWS` (environment: VLM_ENGINE_SKINNY_LINEAR=0 sends every step to cuBLAS, for A/B
+measurements) is the largest step that takes the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_engine.kernels.activation import gelu_and_mul
+from vlm_engine.kernels.triton_attention import runs_on_triton
+
+SKINNY_MAX_ROWS = 0 if os.environ.get("VLM_ENGINE_SKINNY_LINEAR") == "0" else 4  # <= MAX_ROWS
+
+
+def _takes_skinny(x: torch.Tensor, layer: nn.Linear) -> bool:
+    return (
+        layer.bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and runs_on_triton(x)
+    )
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, act: str | None = None) -> torch.Tensor:
+    """layer(x) for x: [T, in] -> [T, out]; act="gelu_mul" for a fused gate/up projection
+    (rows interleaved, kernels/activation.py) gives gelu_tanh(gate) * up: [T, out / 2]."""
+    if _takes_skinny(x, layer):
+        from vlm_engine.kernels.triton_linear import skinny_linear
+
+        return skinny_linear(x, layer.weight, act, skinny_config(layer.weight, x.shape[0]))
+    y = F.linear(x, layer.weight, layer.bias)
+    return y if act is None else gelu_and_mul(y)
+
+
+def skinny_config(weight: torch.Tensor, num_rows: int):
+    return _skinny_config(*weight.shape, num_rows)
+
+
+@functools.cache
+def _skinny_config(n: int, k: int, num_rows: int):
+    """Tiles for [num_rows, k] @ [n, k].T: the fastest of a sweep on an H100 for the Gemma3-4B
+    projections (benchmarks/skinny_linear_sweep.py, docs/benchmarks.md).
+
+    One row (CUDA cores): 4-row column blocks with whole 1024-wide K tiles; the down projection
+    (long K, narrow N) splits K in two for enough programs. Two to four rows (tensor cores):
+    pipelined 32 x 256 or 64 x 128 tiles, K split four ways for the down projection.
+    """
+    from vlm_engine.kernels.triton_linear import LinearConfig
+
+    if num_rows == 1:
+        if k >= 8192:
+            return LinearConfig(block_n=8, block_k=1024, split_k=2)
+        return LinearConfig(block_n=4, block_k=1024, num_warps=8 if k <= 2048 else 4)
+    if k >= 8192:
+        return LinearConfig(block_n=64, block_k=128, split_k=4, num_stages=3, use_dot=True)
+    if n >= 8192:
+        return LinearConfig(block_n=64, block_k=128, num_stages=3, use_dot=True)
+    return LinearConfig(block_n=32, block_k=256, num_stages=5, use_dot=True)

@@ -1,0 +1,57 @@
+"""Programmatic dependent launch (PDL) for the forward pass's Triton kernels on Hopper and later.
+
+A decode step at batch 1 is ~300 short kernels in a row, and between two of them the GPU idles
+while the first drains and the second is scheduled onto the SMs. With PDL a kernel is launched
+while the one before it still runs: its programs become resident early, do work that does not
+depend on the kernel before (loading weights), then wait in `gdc_wait` until that kernel has
+finished and its writes are visible.
+
+The rule that keeps this correct: every kernel launched with PDL calls `pdl_wait` in every
+program before it reads anything an earlier kernel wrote, and before it writes anything. Its own
+completion then implies the completion of the kernel before it, and by induction of all earlier
+ones, so waiting on the previous kernel is enough even for data written several kernels back.
+Kernels that are not launched with PDL (torch's own, cuBLAS) wait for the previous kernel as usual.
+
+`ENABLED` (environment: VLM_ENGINE_PDL=0 turns it off, for A/B measurements) is read when a
+kernel launches; set it before the first launch, since CUDA graphs keep what they captured.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from vlm_engine.kernels.triton_import import jit, tl, triton
+
+ENABLED = os.environ.get("VLM_ENGINE_PDL", "1") != "0"
+
+
+@jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait for the previous kernel's results, then let the next kernel launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.cache
+def _device_supports_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL: a Hopper-or-later GPU, compiled kernels."""
+    if not ENABLED or triton is None or device.type != "cuda":
+        return False
+    if not isinstance(pdl_wait, triton.runtime.JITFunction):  # the interpreter
+        return False
+    return _device_supports_pdl(device.index if device.index is not None else 0)
+
+
+def pdl_options(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch: the USE_PDL constexpr and the launch flag."""
+    if use_pdl(device):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
