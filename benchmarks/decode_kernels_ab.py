@@ -5,7 +5,7 @@ images/s (benchmark a). Each variant runs in a fresh process with the core in it
 (the default), the same settings as gpu_runtime.py; the switches are the environment variables
 VLM_ENGINE_SKINNY_LINEAR and VLM_ENGINE_PDL.
 
-    python benchmarks/decode_kernels_ab.py [--skip-captioning]
+    python benchmarks/decode_kernels_ab.py [--skip-captioning] [--variants 11,00,10,01]
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_runtime
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
 import gpu_runtime  # noqa: E402
-
-VARIANTS = [("1", "1"), ("0", "0"), ("1", "0"), ("0", "1")]  # (skinny projections, PDL)
 
 
 def run_one(path: Path, captioning: bool) -> str:
@@ -46,6 +44,7 @@ def run_one(path: Path, captioning: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-captioning", action="store_true")
+    parser.add_argument("--variants", default="11,00,10,01", help="skinny and PDL, 1 = on")
     parser.add_argument("--one", metavar="PATH")
     args = parser.parse_args()
     if args.one:
@@ -58,7 +57,7 @@ def main() -> None:
         path = gpu_runtime.make_tiny_checkpoint(
             Path(tmp) / "gemma3-4b-shape", **gpu_runtime.GEMMA3_4B
         )
-        for skinny, pdl in VARIANTS:
+        for skinny, pdl in args.variants.split(","):
             env = dict(os.environ, VLM_ENGINE_SKINNY_LINEAR=skinny, VLM_ENGINE_PDL=pdl)
             command = [sys.executable, __file__, "--one", str(path)]
             if args.skip_captioning:

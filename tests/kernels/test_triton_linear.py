@@ -12,8 +12,12 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from vlm_engine.kernels import (  # noqa: E402
+    arrival,  # noqa: E402
+    triton_activation,
+    triton_linear,
+)
 from vlm_engine.kernels import linear as linear_module  # noqa: E402
-from vlm_engine.kernels import triton_activation, triton_linear  # noqa: E402
 from vlm_engine.kernels.activation import gelu_and_mul_ref  # noqa: E402
 from vlm_engine.kernels.triton_linear import LinearConfig, skinny_linear  # noqa: E402
 
@@ -30,7 +34,7 @@ GEMMA3_4B = {
 @pytest.fixture(autouse=True)
 def interpret_on_cpu(interpret):
     if not CUDA:
-        interpret(triton_linear, triton_activation)
+        interpret(triton_linear, triton_activation, arrival)
 
 
 def _randn(*shape: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
@@ -76,7 +80,7 @@ def test_split_sums_are_deterministic_and_leave_counters_at_zero():
     first = skinny_linear(x, w, config=config)
     for _ in range(3):
         assert torch.equal(skinny_linear(x, w, config=config), first)
-    assert not triton_linear._counter_buffer(DEVICE).any()
+    assert not arrival.counter_buffer(DEVICE).any()
     # a split whose sum order differed would round differently somewhere in float32
     one_split = skinny_linear(x, w, config=LinearConfig(block_n=8, block_k=32, split_k=1))
     torch.testing.assert_close(one_split, first, rtol=1e-5, atol=1e-4)

@@ -25,7 +25,8 @@ Work decomposition
   idle while each program walks the whole context. A decode step may then add a third grid axis
   of NUM_SPLITS programs per (sequence, KV head), each taking an equal share of the tiles to
   visit, writing its unnormalized output and softmax statistics (running max, sum) to float32
-  scratch; `attention_merge_kernel` then combines the splits. The split count depends only on
+  scratch; the last split program of a (sequence, KV head) to finish combines them
+  (kernels/arrival.py). The split count depends only on
   the batch size and the device, so each CUDA graph captures a fixed one.
 - Online softmax in float32 with exp2 and a log2(e)-scaled scale.
 """
@@ -35,8 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_engine.kernels.arrival import COUNTER_SLOTS, arrive_last, counter_buffer, reset
 from vlm_engine.kernels.pdl import pdl_options, pdl_wait
-from vlm_engine.kernels.split_kv import attention_merge_kernel, default_num_splits
+from vlm_engine.kernels.split_kv import default_num_splits, merge_splits
 from vlm_engine.kernels.triton_import import jit, tl, triton
 
 
@@ -54,6 +56,7 @@ def paged_attention_kernel(
     split_acc_ptr,  # [S, num_heads, NUM_SPLITS, HEAD_DIM] float32, used when NUM_SPLITS > 1
     split_max_ptr,  # [S, num_heads, NUM_SPLITS] float32 (log2 domain)
     split_sum_ptr,  # [S, num_heads, NUM_SPLITS] float32
+    counter_ptr,  # [>= S * num_kv_heads] int32 arrival counters, used when NUM_SPLITS > 1
     scale_log2e,
     window,
     num_seqs,
@@ -167,12 +170,23 @@ def paged_attention_kernel(
         if COUNT_TILES:
             num_visited += 1
 
-    if NUM_SPLITS > 1:  # token == seq here; the merge kernel normalizes
+    if NUM_SPLITS > 1:  # token == seq here; the last split of this KV head merges
         split_row = (token * (num_kv_heads * GROUP) + head) * NUM_SPLITS + tl.program_id(2)
         tl.store(split_max_ptr + split_row, m_i, mask=row_valid)
         tl.store(split_sum_ptr + split_row, l_i, mask=row_valid)
         acc_offsets = split_row[:, None] * HEAD_DIM + dims[None, :]
         tl.store(split_acc_ptr + acc_offsets, acc, mask=row_valid[:, None])
+        group_id = seq * num_kv_heads + kv_head
+        if arrive_last(counter_ptr, group_id, NUM_SPLITS):
+            for g in tl.static_range(GROUP):
+                h = kv_head * GROUP + g
+                merged = merge_splits(
+                    split_acc_ptr, split_max_ptr, split_sum_ptr,
+                    seq.to(tl.int64) * (num_kv_heads * GROUP) + h, HEAD_DIM, NUM_SPLITS,
+                )  # fmt: skip
+                o_offsets = query_begin.to(tl.int64) * stride_ot + h * stride_oh + dims * stride_od
+                tl.store(out_ptr + o_offsets, merged.to(out_ptr.dtype.element_ty))
+            reset(counter_ptr, group_id)
         return
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only masked padding rows see no key
     out = acc / l_i[:, None]
@@ -274,6 +288,8 @@ def paged_attention(
         num_splits = 1
     elif num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, query.device)
+    if num_seqs * num_kv_heads > COUNTER_SLOTS:  # one arrival counter per (sequence, KV head)
+        num_splits = 1
     split_acc = split_max = split_sum = None
     if num_splits > 1:
         f32 = dict(dtype=torch.float32, device=query.device)
@@ -300,6 +316,7 @@ def paged_attention(
         split_acc,
         split_max,
         split_sum,
+        counter_buffer(query.device),
         scale * math.log2(math.e),
         window or 0,
         num_seqs,
@@ -329,11 +346,6 @@ def paged_attention(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if num_splits > 1:
-        attention_merge_kernel[(num_seqs, num_heads)](
-            out, split_acc, split_max, split_sum, num_heads, *out.stride(),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4, **pdl_options(query.device),
-        )  # fmt: skip
     return out
 
 

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import torch
 
 from vlm_engine.kernels.activation import GATE_UP_GROUP
+from vlm_engine.kernels.arrival import COUNTER_SLOTS, arrive_last, counter_buffer, reset
 from vlm_engine.kernels.pdl import pdl_options, pdl_wait
 from vlm_engine.kernels.triton_activation import gelu_tanh_mul
 from vlm_engine.kernels.triton_import import jit, tl, triton
 
 MAX_ROWS = 16  # rows of x the tensor-core kernel takes (the CUDA-core one: 2)
 CUDA_CORE_MAX_ROWS = 2
-_COUNTER_SLOTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,7 @@ def _finish(
         tile = rows[:, None] * N + cols[None, :]
         mask = (rows < num_rows)[:, None] & (cols < N)[None, :]
         tl.store(partial_ptr + pid_k * BLOCK_T * N + tile, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partials are written before the count
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        if arrive_last(counter_ptr, pid_n, SPLIT_K):
             total = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(
@@ -129,7 +127,7 @@ def _finish(
                 out_ptr, total, rows, num_rows, pid_n, N, stride_out, BLOCK_T, BLOCK_N,
                 ACT_GELU_MUL, ACT_GROUP, TANH_FROM_EXP,
             )  # fmt: skip
-            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            reset(counter_ptr, pid_n)
 
 
 @jit
@@ -236,20 +234,6 @@ def skinny_linear_dot_kernel(
     )  # fmt: skip
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _counter_buffer(device: torch.device) -> torch.Tensor:
-    # One zeroed buffer per device: the calls that use it run one after another on the forward
-    # pass's stream, and each leaves its counters at zero. It must exist before a CUDA graph is
-    # captured (the warm-up step makes it), or it would live in the graph's memory pool.
-    if device not in _counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("skinny_linear must run once before CUDA-graph capture")
-        _counters[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return _counters[device]
-
-
 def is_interpreted() -> bool:
     return not isinstance(skinny_linear_kernel, triton.runtime.JITFunction)
 
@@ -283,7 +267,7 @@ def skinny_linear(
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = triton.cdiv(k, k_per_split)
     grid = (triton.cdiv(n, cfg.block_n), split_k)
-    if grid[0] > _COUNTER_SLOTS:
+    if grid[0] > COUNTER_SLOTS:
         raise ValueError(f"N={n} needs more column blocks than the counter buffer holds")
     partials = (
         torch.empty(split_k, block_t, n, dtype=torch.float32, device=x.device)
@@ -296,7 +280,7 @@ def skinny_linear(
         kernel = skinny_linear_dot_kernel
         extra["DOT_PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
     kernel[grid](
-        x, weight, out, partials, _counter_buffer(x.device),
+        x, weight, out, partials, counter_buffer(x.device),
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_T=block_t, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
         ACT_GELU_MUL=act == "gelu_mul", ACT_GROUP=GATE_UP_GROUP, TANH_FROM_EXP=interpreted,

@@ -100,45 +100,50 @@ def qk_norm_rope_store_kernel(
     BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
+    # Program (token, part): part 0 normalizes and rotates q, part 1 k (and stores it), part 2
+    # stores v; the parts of a token run side by side.
     token = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     dtype = q_out_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < half
+    # Nothing up to pdl_wait reads what the kernel before this one wrote (positions, slots and
+    # weights are older), so with PDL it overlaps that kernel.
     # rope_cos_sin: float32 angles, cos/sin in float32, then cast to the activation dtype.
     position = tl.load(positions_ptr + token).to(tl.float32)
     angles = position * tl.load(inv_freq_ptr + cols, mask=col_mask, other=0.0)
     cos = tl.cos(angles).to(dtype).to(tl.float32)
     sin = tl.sin(angles).to(dtype).to(tl.float32)
-    q_lo = 1.0 + tl.load(q_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    q_hi = 1.0 + tl.load(q_weight_ptr + half + cols, mask=col_mask, other=0.0).to(tl.float32)
-    k_lo = 1.0 + tl.load(k_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    k_hi = 1.0 + tl.load(k_weight_ptr + half + cols, mask=col_mask, other=0.0).to(tl.float32)
+    weight_ptr = q_weight_ptr if part == 0 else k_weight_ptr
+    w_lo = 1.0 + tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    w_hi = 1.0 + tl.load(weight_ptr + half + cols, mask=col_mask, other=0.0).to(tl.float32)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)  # positions when not STORE (unused)
     head_dim = 2 * half
-    _norm_rotate_heads(
-        q_ptr + token * stride_q_token, stride_q_head,
-        q_out_ptr + token * num_q_heads * head_dim, q_out_ptr, num_q_heads, half, inv_dim,
-        eps, q_lo, q_hi, cos, sin, False, BLOCK_HQ, BLOCK_HALF,
-    )  # fmt: skip
-    k_row = k_ptr + token * stride_k_token
     k_out_row = k_out_ptr + token * num_kv_heads * head_dim
-    if STORE:
-        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-        if slot < 0:  # a padding token: its k is never read, the cache is left alone
-            return
-        key_slot_ptr = kv_cache_ptr + slot * num_kv_heads * head_dim
+    key_slot_ptr = kv_cache_ptr + slot * num_kv_heads * head_dim
+    pdl_wait(USE_PDL)
+    if part == 0:
         _norm_rotate_heads(
-            k_row, stride_k_head, k_out_row, key_slot_ptr, num_kv_heads, half, inv_dim, eps,
-            k_lo, k_hi, cos, sin, True, BLOCK_HK, BLOCK_HALF,
+            q_ptr + token * stride_q_token, stride_q_head,
+            q_out_ptr + token * num_q_heads * head_dim, q_out_ptr, num_q_heads, half, inv_dim,
+            eps, w_lo, w_hi, cos, sin, False, BLOCK_HQ, BLOCK_HALF,
         )  # fmt: skip
+    elif part == 1:
+        k_row = k_ptr + token * stride_k_token
+        if STORE and slot >= 0:  # a padding token (negative slot) leaves the cache alone
+            _norm_rotate_heads(
+                k_row, stride_k_head, k_out_row, key_slot_ptr, num_kv_heads, half, inv_dim, eps,
+                w_lo, w_hi, cos, sin, True, BLOCK_HK, BLOCK_HALF,
+            )  # fmt: skip
+        else:
+            _norm_rotate_heads(
+                k_row, stride_k_head, k_out_row, k_out_row, num_kv_heads, half, inv_dim, eps,
+                w_lo, w_hi, cos, sin, False, BLOCK_HK, BLOCK_HALF,
+            )  # fmt: skip
+    elif slot >= 0:  # part 2, only when STORE
         _copy_heads(
             v_ptr + token * stride_v_token, stride_v_head, key_slot_ptr + value_cache_offset,
             num_kv_heads, head_dim, BLOCK_HK, 2 * BLOCK_HALF,
-        )  # fmt: skip
-    else:
-        _norm_rotate_heads(
-            k_row, stride_k_head, k_out_row, k_out_row, num_kv_heads, half, inv_dim, eps,
-            k_lo, k_hi, cos, sin, False, BLOCK_HK, BLOCK_HALF,
         )  # fmt: skip
 
 
@@ -189,7 +194,7 @@ def qk_norm_rope_store(
     block_half = triton.next_power_of_2(half)
     block_hq = max(1, min(triton.next_power_of_2(num_q_heads), _TILE_ELEMENTS // block_half))
     block_hk = max(1, min(triton.next_power_of_2(num_kv_heads), _TILE_ELEMENTS // block_half))
-    qk_norm_rope_store_kernel[(num_tokens,)](
+    qk_norm_rope_store_kernel[(num_tokens, 3 if store else 2)](
         q, k, v, q_weight, k_weight, positions, inv_freq, q_out, k_out,
         kv_cache if store else q_out, slot_mapping if store else positions,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
