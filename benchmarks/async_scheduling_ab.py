@@ -9,7 +9,6 @@ engine's memory is not handed back to the next one), with the same settings as g
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -69,11 +68,7 @@ def main() -> None:
                 ]
                 if args.skip_captioning:
                     command.append("--skip-captioning")
-                done = subprocess.run(command, capture_output=True, text=True)
-                rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
-                print(rows[-1] if rows else done.stderr[-2000:], flush=True)
-                if done.returncode:  # reported, not hidden: the row (if any) was measured
-                    print(f"(that process exited with code {done.returncode})", flush=True)
+                gpu_runtime.print_row_of(command)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -62,11 +61,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--one", str(path)]
             if args.skip_captioning:
                 command.append("--skip-captioning")
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
-            print(rows[-1] if rows else done.stderr[-3000:], flush=True)
-            if done.returncode:  # reported, not hidden: the row (if any) was measured
-                print(f"(that process exited with code {done.returncode})", flush=True)
+            gpu_runtime.print_row_of(command, env)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -211,6 +212,15 @@ def bench_host_overhead(engine, hf, args, own=None) -> list[str]:
         f"| | execute: launch, and waiting for the step before (ms) | "
         f"{ms['execute'] - prepare:.2f} | | |",
     ]
+
+
+def print_row_of(command: list[str], env: dict | None = None) -> None:
+    """Run one benchmark process and print the table row it printed last (or its error)."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    print(rows[-1] if rows else done.stderr[-3000:], flush=True)
+    if done.returncode:  # reported, not hidden: the row (if any) was measured
+        print(f"(that process exited with code {done.returncode})", flush=True)
 
 
 def make_engine(
