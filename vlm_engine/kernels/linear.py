@@ -47,7 +47,7 @@ def skinny_config(weight: torch.Tensor, num_rows: int):
 @functools.cache
 def _skinny_config(n: int, k: int, num_rows: int):
     """Tiles for [num_rows, k] @ [n, k].T: the fastest of a sweep on an H100 for the Gemma3-4B
-    projections (benchmarks/skinny_linear_sweep.py, docs/benchmarks.md).
+    projections (docs/benchmarks.md; benchmarks/skinny_linear.py times them).
 
     One row (CUDA cores): 4-row column blocks with whole 1024-wide K tiles; the down projection
     (long K, narrow N) splits K in two for enough programs. Two to four rows (tensor cores):

@@ -131,6 +131,21 @@ def _finish(
 
 
 @jit
+def _program_tile(
+    x_ptr, w_ptr, pid_n, pid_k, N, K, k_per_split, stride_x, stride_w,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Program (pid_n, pid_k): rows of x, its W rows (output columns) and its K slice.
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_T)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    return rows, cols < N, k_begin, k_end, x_rows, w_rows
+
+
+@jit
 def skinny_linear_kernel(
     x_ptr,  # [T, K]
     w_ptr,  # [N, K]
@@ -155,15 +170,10 @@ def skinny_linear_kernel(
 ):
     # CUDA-core products, for one or two rows: W tiles in registers, the next one loaded
     # before the current one is used.
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of W
-    col_mask = cols < N
-    rows = tl.arange(0, BLOCK_T)
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows, col_mask, k_begin, k_end, x_rows, w_rows = _program_tile(
+        x_ptr, w_ptr, pid_n, pid_k, N, K, k_per_split, stride_x, stride_w, BLOCK_T, BLOCK_N
+    )
 
     # The first weight tile does not depend on the previous kernel: load it before waiting.
     ks = k_begin + tl.arange(0, BLOCK_K)
@@ -212,15 +222,10 @@ def skinny_linear_dot_kernel(
     # Tensor cores, for up to 16 rows (x padded to BLOCK_T = 16): W streamed through the
     # software pipeline, num_stages tiles in flight per program.
     pdl_wait(USE_PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    rows = tl.arange(0, BLOCK_T)
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows, col_mask, k_begin, k_end, x_rows, w_rows = _program_tile(
+        x_ptr, w_ptr, pid_n, pid_k, N, K, k_per_split, stride_x, stride_w, BLOCK_T, BLOCK_N
+    )
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)

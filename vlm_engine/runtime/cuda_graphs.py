@@ -37,6 +37,12 @@ def prefill_sizes(max_tokens: int) -> list[int]:
     return [*sizes, max_tokens]
 
 
+def _token_buffers(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A graph's per-token inputs, filled as padding: positions 0, kv_limits 1, slot -1 (no KV)."""
+    longs = dict(dtype=torch.int64, device=device)
+    return torch.zeros(n, **longs), torch.ones(n, **longs), torch.full((n,), -1, **longs)
+
+
 def _capture(forward, sizes: list[int]) -> tuple[dict, dict]:
     """One graph per size, largest first so that the smaller ones reuse its memory pool."""
     graphs, outputs, pool = {}, {}, None
@@ -66,9 +72,7 @@ class CudaGraphRunner:
         longs = dict(dtype=torch.int64, device=device)
         ints = dict(dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(max_batch, **longs)
-        self.positions = torch.zeros(max_batch, **longs)
-        self.kv_limits = torch.ones(max_batch, **longs)
-        self.slot_mapping = torch.full((max_batch,), -1, **longs)
+        self.positions, self.kv_limits, self.slot_mapping = _token_buffers(max_batch, device)
         self.seq_lens = torch.ones(max_batch, **ints)
         self.query_start_loc = torch.arange(max_batch + 1, **ints)
         self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, **ints)
@@ -141,9 +145,9 @@ class PrefillGraphRunner:
         self.embeds = torch.zeros(
             max_tokens, weight.shape[1], dtype=weight.dtype, device=weight.device
         )
-        self.positions = torch.zeros(max_tokens, **longs)
-        self.kv_limits = torch.ones(max_tokens, **longs)
-        self.slot_mapping = torch.full((max_tokens,), -1, **longs)
+        self.positions, self.kv_limits, self.slot_mapping = _token_buffers(
+            max_tokens, weight.device
+        )
         self.query_start_loc = torch.tensor([0, 1], **ints)
         self.seq_lens = torch.ones(1, **ints)
         self.block_tables = torch.zeros(1, max_blocks, **ints)
