@@ -1,0 +1,47 @@
+"""Attention of the SigLIP vision tower over the fused q/k/v projection output: every patch sees
+every patch of its own image.
+
+`vision_attention` takes the Triton kernel (kernels/triton_vision_attention.py) for bf16/fp16 on
+a GPU, which reads q, k and v in place and computes head_dim 72 as 64 + 16 where SDPA pads it
+to 128; `ENABLED` (environment: VLM_ENGINE_VISION_TRITON_ATTN=0 turns it off, for A/B
+measurements) is read at each call. Everywhere else `vision_attention_ref`: SDPA on [N, H, P, D]
+views.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from vlm_engine.kernels import triton_vision_attention
+from vlm_engine.kernels.triton_attention import runs_on_triton
+from vlm_engine.kernels.triton_vision_attention import qkv_head_dim
+
+ENABLED = os.environ.get("VLM_ENGINE_VISION_TRITON_ATTN", "1") != "0"
+
+
+def vision_attention_ref(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # qkv: [N, P, 3 * H * D] (q, k, v, each head-major) -> [N, P, H * D], contiguous
+    head_dim = qkv_head_dim(qkv, num_heads)
+    num_images, num_patches, _ = qkv.shape
+    q, k, v = qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4)  # [N, H, P, D]
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(num_images, num_patches, num_heads * head_dim)
+
+
+def vision_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """qkv [N, P, 3 * H * D] -> [N, P, H * D], scale D ** -0.5, no mask."""
+    if _takes_triton(qkv):
+        return triton_vision_attention.vision_attention(qkv, num_heads)
+    return vision_attention_ref(qkv, num_heads)
+
+
+def _takes_triton(qkv: torch.Tensor) -> bool:
+    return (
+        ENABLED
+        and qkv.dtype in (torch.bfloat16, torch.float16)
+        and qkv.stride(-1) == 1
+        and runs_on_triton(qkv)
+    )
