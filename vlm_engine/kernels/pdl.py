@@ -7,10 +7,13 @@ depend on the kernel before (loading weights), then wait in `gdc_wait` until tha
 finished and its writes are visible.
 
 The rule that keeps this correct: every kernel launched with PDL calls `pdl_wait` in every
-program before it reads anything an earlier kernel wrote, and before it writes anything. Its own
-completion then implies the completion of the kernel before it, and by induction of all earlier
-ones, so waiting on the previous kernel is enough even for data written several kernels back.
-Kernels that are not launched with PDL (torch's own, cuBLAS) wait for the previous kernel as usual.
+program before it writes anything, and before it reads what the kernel just before it wrote.
+`pdl_wait` lets the next kernel launch only once it has waited, so when kernel N + 1 starts, every
+program of kernel N has waited, kernel N - 1 has finished, and by induction all earlier kernels:
+before its own wait, kernel N + 1 may read what was written two or more kernels back (a residual
+stream, a step's metadata), never what kernel N writes. Its completion implies the completion of
+all earlier kernels. Kernels that are not launched with PDL (torch's own, cuBLAS) wait for the
+previous kernel as usual.
 
 `ENABLED` (environment: VLM_ENGINE_PDL=0 turns it off, for A/B measurements) is read when a
 kernel launches; set it before the first launch, since CUDA graphs keep what they captured.

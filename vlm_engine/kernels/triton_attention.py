@@ -87,7 +87,8 @@ def paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,  # > 1 only with ONE_QUERY_PER_SEQ
     USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
+    # Up to pdl_wait this reads only the step's metadata (positions, limits, block tables),
+    # written before the forward pass began: with PDL it overlaps the kernel before.
     kv_head = tl.program_id(1)
     if ONE_QUERY_PER_SEQ:
         seq = tl.program_id(0)
@@ -106,8 +107,6 @@ def paged_attention_kernel(
         tile_start = (tile - tl.load(query_start_loc_ptr + seq) // BLOCK_Q - seq) * BLOCK_Q
     query_begin = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - query_begin
-    if tile_start >= query_len:
-        return
 
     rows = tl.arange(0, BLOCK_M)
     row_head = rows % GROUP_PAD
@@ -116,8 +115,6 @@ def paged_attention_kernel(
     token = (query_begin + row_token).to(tl.int64)
     head = kv_head * GROUP + row_head
     dims = tl.arange(0, HEAD_DIM)
-    q_offsets = token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :] * stride_qd
-    q = tl.load(query_ptr + q_offsets, mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
 
     seq_len = tl.load(seq_lens_ptr + seq)
     position = tl.load(positions_ptr + token, mask=row_valid, other=0)
@@ -136,17 +133,29 @@ def paged_attention_kernel(
         first_tile += tl.program_id(2) * tiles_per_split * BLOCK_N
         last_key = tl.minimum(kv_end, first_tile + tiles_per_split * BLOCK_N)
 
+    table = block_tables_ptr + seq * stride_bt
+    keys = first_tile + tl.arange(0, BLOCK_N)
+    first_needed = (keys >= kv_start) & (keys < tl.minimum(kv_end, last_key))
+    first_blocks = tl.load(table + keys // KV_BLOCK_SIZE, mask=first_needed, other=0)
+    cache = kv_cache_ptr + kv_head * stride_chead
+    # q and the newest keys and values come from the kernels before this one.
+    pdl_wait(USE_PDL)
+    if tile_start >= query_len:
+        return
+    q_offsets = token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :] * stride_qd
+    q = tl.load(query_ptr + q_offsets, mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+
     # A finite floor: a tile a row cannot see gives exp2(-inf - floor) = 0, never NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     num_visited = kv_end * 0
-    table = block_tables_ptr + seq * stride_bt
-    cache = kv_cache_ptr + kv_head * stride_chead
     for tile_key in range(first_tile, last_key, BLOCK_N):
         keys = tile_key + tl.arange(0, BLOCK_N)
         needed = (keys >= kv_start) & (keys < kv_end)
-        block = tl.load(table + keys // KV_BLOCK_SIZE, mask=needed, other=0).to(tl.int64)
+        in_first = keys < first_tile + BLOCK_N  # whose block ids were read before waiting
+        block = tl.load(table + keys // KV_BLOCK_SIZE, mask=needed & ~in_first, other=0)
+        block = tl.where(in_first, first_blocks, block).to(tl.int64)
         slot = block * stride_cblock + (keys % KV_BLOCK_SIZE) * stride_cslot
         k = tl.load(
             cache + slot[None, :] + dims[:, None] * stride_cd, mask=needed[None, :], other=0.0

@@ -36,6 +36,18 @@ def _gemma_rms_scale(x, weight_plus_one, inv_dim, eps):
     return x * rstd[:, None] * weight_plus_one[None, :]
 
 
+@triton.jit
+def residual_step(h, residual, post_weight, pre_weight, inv_dim, eps, dtype: tl.constexpr):
+    # h, residual: [BLOCK_ROWS, BLOCK_D] in the activation dtype, padding columns 0; weights:
+    # [BLOCK_D] float32. torch: `residual + post_norm(h)` -- the norm output is cast to the
+    # activation dtype, then the add computes in float32 and rounds once more. The pre-norm reads
+    # the rounded sum. Returns (new_residual, normed), both in the activation dtype.
+    post = _gemma_rms_scale(h.to(tl.float32), 1.0 + post_weight, inv_dim, eps).to(dtype)
+    new_residual = (residual.to(tl.float32) + post.to(tl.float32)).to(dtype)
+    normed = _gemma_rms_scale(new_residual.to(tl.float32), 1.0 + pre_weight, inv_dim, eps)
+    return new_residual, normed.to(dtype)
+
+
 # num_rows changes every step: not specializing on it saves recompiles (and CUDA-graph warmups).
 @triton.jit(do_not_specialize=["num_rows"])
 def rms_norm_kernel(
@@ -53,15 +65,15 @@ def rms_norm_kernel(
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
     # Row r of the flattened [num_tokens * num_heads, dim] view is x[r // num_heads, r % num_heads].
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < dim
     mask = (rows < num_rows)[:, None] & col_mask[None, :]
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    pdl_wait(USE_PDL)  # the weight is older than the kernel before: read before waiting
     x_rows = (rows // num_heads) * stride_token + (rows % num_heads) * stride_head
     x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     out = _gemma_rms_scale(x, 1.0 + weight, inv_dim, eps)
     out_offsets = rows[:, None] * dim + cols[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -85,26 +97,25 @@ def post_norm_residual_pre_norm_kernel(
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
     dtype = new_residual_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < dim
     mask = (rows < num_rows)[:, None] & col_mask[None, :]
-    h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
-    residual = tl.load(
-        residual_ptr + rows[:, None] * stride_residual + cols[None, :], mask=mask, other=0.0
-    )
     post_weight = tl.load(post_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     pre_weight = tl.load(pre_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    # torch: `residual + post_norm(h)` -- the norm output is cast to the activation dtype, then
-    # the add computes in float32 and rounds once more. The pre-norm reads the rounded sum.
-    post = _gemma_rms_scale(h.to(tl.float32), 1.0 + post_weight, inv_dim, eps).to(dtype)
-    new_residual = (residual.to(tl.float32) + post.to(tl.float32)).to(dtype)
-    normed = _gemma_rms_scale(new_residual.to(tl.float32), 1.0 + pre_weight, inv_dim, eps)
+    # Only h is the previous kernel's output (residual was written two or more kernels back,
+    # finished once the previous kernel's programs all waited: kernels/pdl.py).
+    residual = tl.load(
+        residual_ptr + rows[:, None] * stride_residual + cols[None, :], mask=mask, other=0.0,
+        cache_modifier=".cg",
+    )  # fmt: skip
+    pdl_wait(USE_PDL)
+    h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+    new_residual, normed = residual_step(h, residual, post_weight, pre_weight, inv_dim, eps, dtype)
     out_offsets = rows[:, None] * dim + cols[None, :]
     tl.store(new_residual_ptr + out_offsets, new_residual, mask=mask)
-    tl.store(normed_ptr + out_offsets, normed.to(dtype), mask=mask)
+    tl.store(normed_ptr + out_offsets, normed, mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -160,6 +171,8 @@ def post_norm_residual_pre_norm(
         normed = rms_norm(new_residual, pre_weight)
     It covers post_attention_layernorm -> add -> pre_feedforward_layernorm, and
     post_feedforward_layernorm -> add -> the next layer's input_layernorm (or the final norm).
+    With PDL the kernel reads `residual` before waiting on the kernel launched just before it,
+    so `residual` must come from an earlier one (in a decoder layer it always does).
     """
     if h.dim() != 2 or h.shape != residual.shape:
         raise ValueError(
