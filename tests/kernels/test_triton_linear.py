@@ -138,3 +138,17 @@ def test_dispatch_takes_the_skinny_kernel_for_few_rows(monkeypatch):
     assert len(calls) == 1
     out = linear_module.linear(torch.zeros(rows + 1, 64, device=DEVICE), layer)
     assert len(calls) == 1 and out.shape == (rows + 1, 32)
+
+
+@pytest.mark.skipif(not CUDA, reason="the 262k-row LM head needs a GPU")
+def test_tied_lm_head_takes_the_skinny_kernel():
+    # More column blocks than arrival counters: fine without split-K. The head is an Embedding.
+    vocab, hidden = 262_208, 2560
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    head = torch.nn.Embedding(vocab, hidden, device=DEVICE, dtype=torch.bfloat16)
+    head.weight.data.normal_(0, 0.02, generator=gen)
+    x = torch.randn(1, hidden, device=DEVICE, generator=gen).bfloat16()
+    exact = x.double() @ head.weight.double().T
+    out = linear_module.linear(x, head)
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(1e-3)
+    assert ((out.double() - exact).abs() <= ulp).all()

@@ -23,20 +23,20 @@ from vlm_engine.kernels.triton_attention import runs_on_triton
 SKINNY_MAX_ROWS = 0 if os.environ.get("VLM_ENGINE_SKINNY_LINEAR") == "0" else 4  # <= MAX_ROWS
 
 
-def _takes_skinny(x: torch.Tensor, layer: nn.Linear) -> bool:
-    return (
-        layer.bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and runs_on_triton(x)
-    )
+def _takes_skinny(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and runs_on_triton(x)
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, act: str | None = None) -> torch.Tensor:
-    """layer(x) for x: [T, in] -> [T, out]; act="gelu_mul" for a fused gate/up projection
-    (rows interleaved, kernels/activation.py) gives gelu_tanh(gate) * up: [T, out / 2]."""
-    if _takes_skinny(x, layer):
+def linear(x: torch.Tensor, layer: nn.Module, act: str | None = None) -> torch.Tensor:
+    """x @ layer.weight.T (+ layer.bias, if it has one) for x: [T, in] -> [T, out]; `layer` is
+    an nn.Linear, or an nn.Embedding used as a tied LM head. act="gelu_mul" for a fused gate/up
+    projection (rows interleaved, kernels/activation.py) gives gelu_tanh(gate) * up: [T, out/2]."""
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    if _takes_skinny(x, bias):
         from vlm_engine.kernels.triton_linear import skinny_linear
 
-        return skinny_linear(x, layer.weight, act, skinny_config(layer.weight, x.shape[0]))
-    y = F.linear(x, layer.weight, layer.bias)
+        return skinny_linear(x, weight, act, skinny_config(weight, x.shape[0]))
+    y = F.linear(x, weight, bias)
     return y if act is None else gelu_and_mul(y)
 
 

@@ -245,6 +245,7 @@ class Gemma3Model(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [N, hidden] -> logits [N, vocab]
+        # a decode step of a few tokens streams the 262k-row head through the skinny kernel
         if self.config.text.tie_word_embeddings:
-            return F.linear(hidden_states, self.language_model.embed_tokens.weight)
-        return self.lm_head(hidden_states)
+            return linear(hidden_states, self.language_model.embed_tokens)
+        return linear(hidden_states, self.lm_head)
