@@ -206,7 +206,9 @@ class VisionAttentionConfig:
 
 # The Hopper (sm_90, H100) launch shape for the tower's long sequences: benchmarks/
 # vision_attention.py sweeps the candidates; put the winner here. Untuned until then.
-HOPPER_CONFIG = VisionAttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+# The fastest of benchmarks/vision_attention.py's sweep on an H100 (2026-11-23, triton 3.6):
+# 6.80 ms for [32 images, 16 heads, 4096 patches, 72], cuDNN's SDPA 6.66 ms (docs/benchmarks.md).
+HOPPER_CONFIG = VisionAttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
 # Everything else with at least 1024 patches (other GPUs, untuned).
 LONG_CONFIG = VisionAttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 # Short sequences: smaller query tiles give more programs.

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_engine.config import VisionConfig
+from vlm_engine.kernels.vision_attention import vision_attention
 from vlm_engine.models.fusion import fuse_linears
 
 
@@ -47,10 +48,9 @@ class SiglipAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, P, hidden]; every patch sees every patch of its own image.
         batch, num_patches, hidden = x.shape
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        if self.qkv_proj is not None:  # attention reads q, k, v in place, writes [N, P, hidden]
+            return self.out_proj(vision_attention(self.qkv_proj(x), self.num_heads))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # -> [N, heads, P, head_dim]
             return t.view(batch, num_patches, self.num_heads, self.head_dim).transpose(1, 2)
