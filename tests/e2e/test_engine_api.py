@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -215,9 +216,12 @@ def test_options_are_checked(checkpoint):
 
 
 def test_two_engines_in_one_process(checkpoint, tmp_path, image):
+    # VLM_TEST_DEVICE=cuda runs it on a GPU, where the engines also share kernel state (arrival
+    # counters) and the second one's memory plan must not count the first's allocations twice.
+    device = os.environ.get("VLM_TEST_DEVICE", "cpu")
     other = make_tiny_checkpoint(tmp_path / "other", seed=7)
-    a = Engine(checkpoint, device="cpu", dtype="float32")
-    b = Engine(other, device="cpu", dtype="float32")
+    a = Engine(checkpoint, device=device, dtype="float32", gpu_memory_utilization=0.3)
+    b = Engine(other, device=device, dtype="float32", gpu_memory_utilization=0.6)
     prompt = {"prompt": "<start_of_image>" + TEXT, "images": [image]}
     alone_a, alone_b = a.generate(prompt, GREEDY)[0], b.generate(prompt, GREEDY)[0]
     a.add_request(prompt, GREEDY, request_id="x")
@@ -230,6 +234,9 @@ def test_two_engines_in_one_process(checkpoint, tmp_path, image):
     assert results["a"].token_ids == alone_a.token_ids
     assert results["b"].token_ids == alone_b.token_ids
     assert alone_a.token_ids != alone_b.token_ids
+    a.close()  # the other keeps serving
+    assert b.generate(prompt, GREEDY)[0].token_ids == alone_b.token_ids
+    b.close()
 
 
 def test_png_bytes_and_pil_share_the_image_hash(engine):

@@ -30,17 +30,20 @@ def build_core(checkpoint_dir: Path, config: EngineConfig) -> EngineCore:
     dtype = config.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    used_before_load = 0
+    used_before_load = allocated_before_load = 0
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used_before_load = total - free
+        allocated_before_load = torch.cuda.memory_allocated(device)  # another engine's, say
     model = load_model(
         model_config, checkpoint_dir, dtype=dtype, device=device, load_format=config.load_format
     )
     wanted_len = config.max_model_len or min(
         model_config.text.max_position_embeddings, DEFAULT_MAX_MODEL_LEN
     )
-    num_blocks = plan_num_kv_blocks(model, config, wanted_len, used_before_load)
+    num_blocks = plan_num_kv_blocks(
+        model, config, wanted_len, used_before_load, allocated_before_load
+    )
     capacity = num_blocks * config.block_size
     if wanted_len > capacity:
         logger.warning(

@@ -30,9 +30,15 @@ def kv_block_bytes(model_config: ModelConfig, block_size: int, element_size: int
 
 
 def plan_num_kv_blocks(
-    model: Gemma3Model, config: EngineConfig, max_model_len: int, used_before_load: int
+    model: Gemma3Model,
+    config: EngineConfig,
+    max_model_len: int,
+    used_before_load: int,
+    allocated_before_load: int = 0,
 ) -> int:
-    """`used_before_load`: device bytes in use (other processes, CUDA context) before loading."""
+    """`used_before_load`: device bytes in use (other processes, the CUDA context, another engine
+    of this process) before loading; `allocated_before_load`: of those, the bytes this process's
+    torch allocator held, which its peak statistics count again."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     weight = model.language_model.embed_tokens.weight
@@ -41,7 +47,7 @@ def plan_num_kv_blocks(
     if config.kv_cache_memory_gb is not None or not weight.is_cuda:
         budget = int((config.kv_cache_memory_gb or CPU_KV_CACHE_GB) * 2**30)
     else:
-        budget = _gpu_kv_budget(model, config, used_before_load)
+        budget = _gpu_kv_budget(model, config, used_before_load, allocated_before_load)
     min_blocks = -(-min(max_model_len, 4096) // config.block_size)
     if budget // per_block < min_blocks:
         raise ConfigError(
@@ -52,9 +58,12 @@ def plan_num_kv_blocks(
     return max(2, min(budget // per_block, needed))
 
 
-def _gpu_kv_budget(model: Gemma3Model, config: EngineConfig, used_before_load: int) -> int:
+def _gpu_kv_budget(
+    model: Gemma3Model, config: EngineConfig, used_before_load: int, allocated_before_load: int
+) -> int:
     device = model.language_model.embed_tokens.weight.device
-    peak = profile_peak_memory(model, config)
+    # this engine's own peak: the allocator's also counts what was allocated before it loaded
+    peak = profile_peak_memory(model, config) - allocated_before_load
     total = torch.cuda.get_device_properties(device).total_memory
     budget = int(total * config.gpu_memory_utilization) - used_before_load - peak
     logger.info(
