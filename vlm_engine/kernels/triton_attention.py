@@ -221,10 +221,14 @@ class TileConfig:
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
-def default_tile_config(head_dim: int, decode_only: bool) -> TileConfig:
-    # Untuned starting points for Hopper; head_dim 256 keeps the fp32 accumulator in registers.
+def default_tile_config(head_dim: int, decode_only: bool, num_splits: int = 1) -> TileConfig:
+    # Starting points for Hopper; head_dim 256 keeps the fp32 accumulator in registers.
     if decode_only:  # one query token per program: bandwidth bound, pipeline the K/V loads
-        return TileConfig(block_m=16, block_n=64 if head_dim <= 128 else 32, num_stages=3)
+        # Split KV (small batches) leaves each program a tile or two: a shallower pipeline has
+        # less to fill (H100, Gemma3-4B at batch 1: 3.45 against 3.48 ms/token with 3 stages;
+        # 64-key tiles 3.64, 16-key 3.51, 8 warps 3.55).
+        stages = 2 if num_splits > 1 else 3
+        return TileConfig(block_m=16, block_n=64 if head_dim <= 128 else 32, num_stages=stages)
     if head_dim <= 128:
         return TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
@@ -305,7 +309,7 @@ def paged_attention(
         split_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, **f32)
         split_max = torch.empty(num_seqs, num_heads, num_splits, **f32)
         split_sum = torch.empty(num_seqs, num_heads, num_splits, **f32)
-    config = tile_config or default_tile_config(head_dim, decode_only)
+    config = tile_config or default_tile_config(head_dim, decode_only, num_splits)
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_q = 1 if decode_only else max(1, config.block_m // group_pad)
