@@ -49,16 +49,21 @@ def _skinny_config(n: int, k: int, num_rows: int):
     """Tiles for [num_rows, k] @ [n, k].T: the fastest of a sweep on an H100 for the Gemma3-4B
     projections (docs/benchmarks.md; benchmarks/skinny_linear.py times them).
 
-    One row (CUDA cores): 4-row column blocks with whole 1024-wide K tiles; the down projection
-    (long K, narrow N) splits K in two for enough programs. Two to four rows (tensor cores):
-    pipelined 32 x 256 or 64 x 128 tiles, K split four ways for the down projection.
+    One row (CUDA cores): 1024-wide K tiles, the down projection (long K, narrow N) split in
+    two for enough programs; the o projection (K 2048) in one 8 x 2048 tile per program; gate/up
+    and the LM head in 4-row blocks, q/k/v in 2-row blocks on two warps. Two to four rows (tensor
+    cores): pipelined 32 x 256 or 64 x 128 tiles, K split four ways for the down projection.
     """
     from vlm_engine.kernels.triton_linear import LinearConfig
 
     if num_rows == 1:
         if k >= 8192:
             return LinearConfig(block_n=8, block_k=1024, split_k=2)
-        return LinearConfig(block_n=4, block_k=1024, num_warps=8 if k <= 2048 else 4)
+        if k <= 2048:
+            return LinearConfig(block_n=8, block_k=2048)
+        if n >= 65536:  # the LM head
+            return LinearConfig(block_n=4, block_k=1024)
+        return LinearConfig(block_n=4 if n >= 8192 else 2, block_k=1024, num_warps=2)
     if k >= 8192:
         return LinearConfig(block_n=64, block_k=128, split_k=4, num_stages=3, use_dot=True)
     if n >= 8192:
