@@ -4,11 +4,17 @@ beside the engine's Triton kernels with the configs it picks (kernels/linear.py)
 from L2), with and without programmatic dependent launch. Also the fused gate/up projection with
 its activation against cuBLAS followed by the activation kernel.
 
-    python benchmarks/skinny_linear.py
+    python benchmarks/skinny_linear.py [--sweep]
+
+--sweep times, instead, one-row tile configs of the CUDA-core kernel for each projection (block
+rows, K tile width, K split, warps; with PDL) beside the config the engine picks: how the
+one-row tiles in kernels/linear.py were chosen.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -21,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 from vlm_engine.kernels import pdl  # noqa: E402
 from vlm_engine.kernels.activation import gelu_and_mul  # noqa: E402
 from vlm_engine.kernels.linear import skinny_config  # noqa: E402
-from vlm_engine.kernels.triton_linear import skinny_linear  # noqa: E402
+from vlm_engine.kernels.triton_linear import LinearConfig, skinny_linear  # noqa: E402
 
 LAYERS = 34
 SHAPES = {"q/k/v": (4096, 2560), "o": (2560, 2048), "gate/up": (20480, 2560), "down": (2560, 10240)}
@@ -66,7 +72,45 @@ def read_bandwidth() -> float:
     return data.numel() * 2 / best
 
 
+def sweep() -> None:
+    """One row: the engine's config and the five fastest of a grid, per projection."""
+    tiles = [(2, 1024), (2, 2048), (4, 512), (4, 1024), (4, 2048), (8, 1024), (8, 2048)]
+    grid = [
+        LinearConfig(block_n=bn, block_k=bk, split_k=split, num_warps=warps)
+        for (bn, bk), split, warps in itertools.product(tiles, (1, 2), (2, 4, 8))
+    ]
+    print("| projection | config | us/layer | GB/s |")
+    print("|---|---|---:|---:|")
+    for name, (n, k) in SHAPES.items():
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        act = "gelu_mul" if name == "gate/up" else None
+        picked = skinny_config(weights[0], 1)
+        timed = []
+        for config in [picked, *grid]:
+            if k // config.split_k < config.block_k:
+                continue
+
+            def engine(config=config, x=x, act=act, weights=weights):
+                for w in weights:
+                    skinny_linear(x, w, act, config)
+
+            timed.append((graph_ms(engine) / LAYERS * 1e3, config))
+        fastest = sorted(timed[1:], key=lambda t: t[0])[:5]
+        for i, (us, config) in enumerate([timed[0], *fastest]):
+            tile = (f"{config.block_n} x {config.block_k}, split {config.split_k}, "
+                    f"{config.num_warps} warps")  # fmt: skip
+            mark = " (the engine's)" if i == 0 else ""
+            print(f"| {name} | {tile}{mark} | {us:.2f} | {n * k * 2 / us / 1e3:.0f} |", flush=True)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="one-row tile configs")
+    if parser.parse_args().sweep:
+        torch.manual_seed(0)
+        sweep()
+        return
     torch.manual_seed(0)
     bandwidth = read_bandwidth()
     print(f"{torch.cuda.get_device_name()}, read bandwidth {bandwidth / 1e9:.0f} GB/s (2 GiB sum)")
