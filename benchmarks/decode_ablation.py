@@ -41,9 +41,7 @@ def remove(parts: set[str]) -> None:
 
 def run_one(path: Path, variant: str) -> str:
     remove(set(filter(None, variant.split("+"))))
-    args = argparse.Namespace(
-        output_len=128, max_num_seqs=256, max_num_batched_tokens=2048, encoder_compute_budget=4096
-    )
+    args = gpu_runtime.default_args()
     engine = gpu_runtime.make_engine(path, args, core_process=False)
     first, again = (
         gpu_runtime.single_stream_ms(engine, args),

@@ -23,10 +23,7 @@ import gpu_runtime  # noqa: E402
 
 
 def run_one(path: Path, captioning: bool) -> str:
-    args = argparse.Namespace(
-        num_images=256, output_len=128, max_num_seqs=256, max_num_batched_tokens=2048,
-        encoder_compute_budget=4096,
-    )  # fmt: skip
+    args = gpu_runtime.default_args()
     engine = gpu_runtime.make_engine(path, args, core_process=True)
     first = gpu_runtime.single_stream_ms(engine, args)
     images_per_s = args.num_images / gpu_runtime.caption_seconds(engine, args) if captioning else 0

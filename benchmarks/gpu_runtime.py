@@ -241,7 +241,12 @@ def make_engine(
     )
 
 
-def main() -> None:
+def default_args() -> argparse.Namespace:
+    """This benchmark's settings at their defaults: the A/B scripts run the same workload."""
+    return _parser().parse_args([])
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="a,b,c,d")
     parser.add_argument("--core-process", choices=("both", "own", "in"), default="both")
@@ -252,7 +257,11 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--encoder-compute-budget", type=int, default=4096)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_checkpoint(Path(tmp) / "gemma3-4b-shape", **GEMMA3_4B)
         own = bench_own_process(path, args) if args.core_process != "in" else {}

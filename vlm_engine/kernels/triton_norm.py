@@ -36,18 +36,6 @@ def _gemma_rms_scale(x, weight_plus_one, inv_dim, eps):
     return x * rstd[:, None] * weight_plus_one[None, :]
 
 
-@triton.jit
-def residual_step(h, residual, post_weight, pre_weight, inv_dim, eps, dtype: tl.constexpr):
-    # h, residual: [BLOCK_ROWS, BLOCK_D] in the activation dtype, padding columns 0; weights:
-    # [BLOCK_D] float32. torch: `residual + post_norm(h)` -- the norm output is cast to the
-    # activation dtype, then the add computes in float32 and rounds once more. The pre-norm reads
-    # the rounded sum. Returns (new_residual, normed), both in the activation dtype.
-    post = _gemma_rms_scale(h.to(tl.float32), 1.0 + post_weight, inv_dim, eps).to(dtype)
-    new_residual = (residual.to(tl.float32) + post.to(tl.float32)).to(dtype)
-    normed = _gemma_rms_scale(new_residual.to(tl.float32), 1.0 + pre_weight, inv_dim, eps)
-    return new_residual, normed.to(dtype)
-
-
 # num_rows changes every step: not specializing on it saves recompiles (and CUDA-graph warmups).
 @triton.jit(do_not_specialize=["num_rows"])
 def rms_norm_kernel(
@@ -112,10 +100,14 @@ def post_norm_residual_pre_norm_kernel(
     )  # fmt: skip
     pdl_wait(USE_PDL)
     h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
-    new_residual, normed = residual_step(h, residual, post_weight, pre_weight, inv_dim, eps, dtype)
+    # torch: `residual + post_norm(h)` -- the norm output is cast to the activation dtype, then
+    # the add computes in float32 and rounds once more. The pre-norm reads the rounded sum.
+    post = _gemma_rms_scale(h.to(tl.float32), 1.0 + post_weight, inv_dim, eps).to(dtype)
+    new_residual = (residual.to(tl.float32) + post.to(tl.float32)).to(dtype)
+    normed = _gemma_rms_scale(new_residual.to(tl.float32), 1.0 + pre_weight, inv_dim, eps)
     out_offsets = rows[:, None] * dim + cols[None, :]
     tl.store(new_residual_ptr + out_offsets, new_residual, mask=mask)
-    tl.store(normed_ptr + out_offsets, normed, mask=mask)
+    tl.store(normed_ptr + out_offsets, normed.to(dtype), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
