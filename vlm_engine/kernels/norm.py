@@ -1,6 +1,8 @@
-"""RMSNorm as Gemma computes it: float32 statistics, scaled by (1 + weight), cast back last."""
+"""RMSNorm as Gemma computes it: float32 statistics, scaled by (1 + weight), cast back last; and
+the SigLIP tower's LayerNorm that adds a bias into its input in the same pass."""
 
 import torch
+import torch.nn.functional as F
 
 from vlm_engine.kernels.triton_attention import runs_on_triton
 
@@ -48,3 +50,33 @@ def post_norm_residual_pre_norm_ref(
     # activation dtype on the already-cast norm output, exactly as the unfused modules do.
     new_residual = residual + rms_norm_ref(h, post_weight, eps)
     return new_residual, rms_norm_ref(new_residual, pre_weight, eps)
+
+
+def layer_norm_add_bias_(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    add_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LayerNorm(x) as a new tensor, then `x += add_bias` in place; one kernel on a GPU."""
+    if runs_on_triton(x):
+        from vlm_engine.kernels import triton_norm
+
+        return triton_norm.layer_norm_add_bias_(x, weight, bias, eps, add_bias)
+    return layer_norm_add_bias_ref(x, weight, bias, eps, add_bias)
+
+
+def layer_norm_add_bias_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    add_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    # x: [..., dim] (updated in place when add_bias is given)  weight, bias, add_bias: [dim]
+    # The norm reads x before the add.
+    out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    if add_bias is not None:
+        x.add_(add_bias)
+    return out

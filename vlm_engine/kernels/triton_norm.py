@@ -1,4 +1,5 @@
-"""Triton RMSNorm with Gemma numerics, and the fused residual step between two decoder norms.
+"""Triton RMSNorm with Gemma numerics, the fused residual step between two decoder norms, and
+the SigLIP tower's LayerNorm that also adds a bias into its input in place.
 
 Both follow `rms_norm_ref`: float32 statistics, a float32 scale by (1 + weight), one cast to the
 activation dtype at the end. A program normalizes a tile of BLOCK_ROWS rows x BLOCK_D columns;
@@ -12,6 +13,9 @@ as torch rounds them), and the fused step rounds exactly where the unfused modul
 bf16/fp16 an output can therefore move by one ulp of the activation dtype, only where its float32
 value sits next to a rounding boundary; in the fused step such a flip in the new residual then
 feeds the second norm, as it would with the unfused Triton norm.
+
+The LayerNorm follows torch's: float32 mean and biased variance, eps inside the rsqrt, one cast
+at the end; its statistics are computed in two passes over the row held in registers.
 """
 
 from __future__ import annotations
@@ -110,6 +114,42 @@ def post_norm_residual_pre_norm_kernel(
     tl.store(normed_ptr + out_offsets, normed.to(dtype), mask=mask)
 
 
+@triton.jit(do_not_specialize=["num_rows"])
+def layer_norm_add_bias_kernel(
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    add_bias_ptr,
+    out_ptr,
+    num_rows,
+    dim,
+    inv_dim,
+    eps,
+    HAS_ADD_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    mask = (rows < num_rows)[:, None] & col_mask[None, :]
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    pdl_wait(USE_PDL)
+    offsets = rows[:, None] * dim + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) * inv_dim
+    centered = tl.where(mask, x - mean[:, None], 0.0)  # padding columns must not count
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) * inv_dim + eps)
+    out = centered * rstd[:, None] * weight[None, :] + bias[None, :]  # torch's order
+    tl.store(out_ptr + offsets, out.to(dtype), mask=mask)
+    if HAS_ADD_BIAS:  # from the row as loaded: the norm above saw x before the add
+        add_bias = tl.load(add_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + offsets, (x + add_bias[None, :]).to(dtype), mask=mask)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma RMSNorm over the last dimension of x: [N, D] or [N, H, D] -> a new contiguous tensor.
 
@@ -203,6 +243,54 @@ def post_norm_residual_pre_norm(
         enable_fp_fusion=False,
     )
     return new_residual, normed
+
+
+def layer_norm_add_bias_(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    add_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LayerNorm over the last dimension of x, and `x += add_bias` in place, in one pass.
+
+    x: [..., D], contiguous; weight, bias, add_bias: [D], any float dtype (used as float32).
+    Returns LayerNorm(x, weight, bias) as a new tensor shaped like x, computed from x as it was
+    before the add. With add_bias, x then holds x + add_bias rounded once to its dtype; with
+    None, x is only read. (SigLIP layers add the next projection's bias into the residual stream
+    here, so that the projection's GEMM can accumulate onto x with no epilogue bias.)
+    """
+    _check_rows(x, "x")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous: layer_norm_add_bias_ writes it in place")
+    _check_weight(weight, x, "weight")
+    _check_weight(bias, x, "bias")
+    if add_bias is not None:
+        _check_weight(add_bias, x, "add_bias")
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    if x.numel() == 0:
+        return out
+    num_rows = x.numel() // dim
+    block_rows, block_d, num_warps = _row_tiling(dim)
+    grid = (triton.cdiv(num_rows, block_rows),)
+    layer_norm_add_bias_kernel[grid](
+        x,
+        weight,
+        bias,
+        bias if add_bias is None else add_bias,  # not read without HAS_ADD_BIAS
+        out,
+        num_rows,
+        dim,
+        1.0 / dim,
+        eps,
+        HAS_ADD_BIAS=add_bias is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_D=block_d,
+        **pdl_options(x.device),
+        num_warps=num_warps,
+    )
+    return out
 
 
 def _row_tiling(dim: int) -> tuple[int, int, int]:

@@ -1,14 +1,28 @@
-"""SigLIP vision tower as Gemma3 uses it: patch embedding, bidirectional encoder, final LayerNorm."""
+"""SigLIP vision tower as Gemma3 uses it: patch embedding, bidirectional encoder, final LayerNorm.
+
+On a GPU an encoder layer keeps its residual stream in one buffer: each LayerNorm kernel also adds
+the bias of the projection that closes its sublayer (out_proj, fc2) into the stream in place, and
+that projection's GEMM then accumulates onto the stream (addmm_ with beta = 1). That saves the two
+residual adds' passes over [tokens, hidden]; the sums round in another order than `x + f(x)` does.
+`FUSED_RESIDUAL` (environment: VLM_ENGINE_VISION_FUSED_RESIDUAL=0 turns it off, for A/B
+measurements) is read at each layer call.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlm_engine.config import VisionConfig
+from vlm_engine.kernels.norm import layer_norm_add_bias_
+from vlm_engine.kernels.triton_attention import runs_on_triton
 from vlm_engine.kernels.vision_attention import vision_attention
 from vlm_engine.models.fusion import fuse_linears
+
+FUSED_RESIDUAL = os.environ.get("VLM_ENGINE_VISION_FUSED_RESIDUAL", "1") != "0"
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -46,17 +60,21 @@ class SiglipAttention(nn.Module):
         self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [N, P, hidden]; every patch sees every patch of its own image.
+        return self.out_proj(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, P, hidden] -> the heads' outputs before out_proj, [N, P, hidden] contiguous;
+        # every patch sees every patch of its own image.
         batch, num_patches, hidden = x.shape
-        if self.qkv_proj is not None:  # attention reads q, k, v in place, writes [N, P, hidden]
-            return self.out_proj(vision_attention(self.qkv_proj(x), self.num_heads))
+        if self.qkv_proj is not None:  # attention reads q, k, v in place
+            return vision_attention(self.qkv_proj(x), self.num_heads)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # -> [N, heads, P, head_dim]
             return t.view(batch, num_patches, self.num_heads, self.head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-        return self.out_proj(out.transpose(1, 2).reshape(batch, num_patches, hidden))
+        return out.transpose(1, 2).reshape(batch, num_patches, hidden)
 
     def fuse_projections(self) -> None:
         if self.qkv_proj is not None:
@@ -72,13 +90,17 @@ class SiglipMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activate(x))
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., hidden] -> gelu_tanh(fc1(x)): [..., intermediate], the input of fc2
         if x.is_cuda:  # the bias and tanh-GELU run in the GEMM's epilogue (cuBLASLt)
             h = torch._addmm_activation(
                 self.fc1.bias, x.flatten(0, -2), self.fc1.weight.t(), use_gelu=True
             )
-            return self.fc2(h.view(*x.shape[:-1], -1))
+            return h.view(*x.shape[:-1], -1)
         # (on the CPU, _addmm_activation's GELU is the erf form, not the tanh one)
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return F.gelu(self.fc1(x), approximate="tanh")
 
 
 class SiglipEncoderLayer(nn.Module):
@@ -90,8 +112,38 @@ class SiglipEncoderLayer(nn.Module):
         self.mlp = SiglipMLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, P, hidden] -> [N, P, hidden]; on the fused path, x itself updated in place."""
+        if _fuses_residual(x):
+            return self._forward_fused_(x)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
+
+    def _forward_fused_(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, P, hidden], contiguous: the residual stream. Each norm kernel adds the bias of
+        # the projection that closes its sublayer; the projection's GEMM adds the rest.
+        attn, mlp = self.self_attn, self.mlp
+        h = _norm_and_add_bias_(x, self.layer_norm1, attn.out_proj.bias)
+        _add_linear_(x, attn.attend(h), attn.out_proj)
+        h = _norm_and_add_bias_(x, self.layer_norm2, mlp.fc2.bias)
+        _add_linear_(x, mlp.activate(h), mlp.fc2)
+        return x
+
+
+def _fuses_residual(x: torch.Tensor) -> bool:
+    # The LayerNorm kernel has no backward: where gradients are wanted, the plain modules run.
+    return FUSED_RESIDUAL and runs_on_triton(x) and not x.requires_grad
+
+
+def _norm_and_add_bias_(
+    x: torch.Tensor, norm: nn.LayerNorm, add_bias: torch.Tensor
+) -> torch.Tensor:
+    # -> norm(x), a new tensor; then x += add_bias in place
+    return layer_norm_add_bias_(x, norm.weight, norm.bias, norm.eps, add_bias)
+
+
+def _add_linear_(x: torch.Tensor, h: torch.Tensor, linear: nn.Linear) -> None:
+    # x [..., out] += h [..., in] @ W^T, accumulated by the GEMM (beta = 1), without the bias
+    x.view(-1, x.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), linear.weight.t())
 
 
 class SiglipEncoder(nn.Module):
@@ -102,6 +154,8 @@ class SiglipEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, P, hidden], the tower's own residual stream: the fused GPU path updates it in
+        place (the tower passes its fresh patch embeddings)."""
         for layer in self.layers:
             x = layer(x)
         return x

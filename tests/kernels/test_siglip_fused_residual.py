@@ -1,0 +1,107 @@
+"""The SigLIP tower's fused residual path (LayerNorm kernels that add the next bias in place,
+GEMMs that accumulate onto the residual stream) against its plain modules.
+
+Without CUDA the fused path is forced on the CPU and its LayerNorm kernel runs on Triton's
+interpreter (the `interpret` fixture of conftest.py); with CUDA the tower runs natively. Both in
+float32, where the two paths differ only in the order of the residual sums.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vlm_engine.config import VisionConfig  # noqa: E402
+from vlm_engine.kernels import norm, triton_norm  # noqa: E402
+from vlm_engine.vision import siglip  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# hidden 72 (3 heads of 24) and 136: widths that are not powers of two, as SigLIP's 1152 / 4304
+CONFIG = VisionConfig(
+    hidden_size=72,
+    intermediate_size=136,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    image_size=56,
+    patch_size=14,
+)
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture
+def norm_calls(interpret, monkeypatch) -> list:
+    """The LayerNorm kernel's calls; without CUDA the fused path is switched on for CPU tensors."""
+    if not CUDA:
+        interpret(triton_norm)
+        monkeypatch.setattr(siglip, "runs_on_triton", lambda x: True)
+        monkeypatch.setattr(norm, "runs_on_triton", lambda x: True)
+    calls = []
+    kernel = triton_norm.layer_norm_add_bias_
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape)
+        return kernel(x, *args, **kwargs)
+
+    monkeypatch.setattr(triton_norm, "layer_norm_add_bias_", spy)
+    return calls
+
+
+def make_tower(seed: int) -> siglip.SiglipVisionTower:
+    # random weights everywhere (LayerNorm weights around 1, every bias nonzero)
+    torch.manual_seed(seed)
+    tower = siglip.SiglipVisionTower(CONFIG)
+    with torch.no_grad():
+        for name, param in tower.named_parameters():
+            shift = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            param.copy_(torch.randn(param.shape) * 0.2 + shift)
+    return tower.to(DEVICE).requires_grad_(False)
+
+
+def run_tower(tower, pixels, monkeypatch, *, fused: bool) -> torch.Tensor:
+    monkeypatch.setattr(siglip, "FUSED_RESIDUAL", fused)
+    with torch.inference_mode():
+        return tower(pixels)
+
+
+@pytest.mark.parametrize("fuse_projections", [False, True], ids=["q-k-v", "qkv"])
+def test_fused_residual_matches_the_plain_layers(norm_calls, monkeypatch, fuse_projections):
+    tower = make_tower(seed=0)
+    if fuse_projections:
+        tower.fuse_projections()
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 3, CONFIG.image_size, CONFIG.image_size, generator=gen).to(DEVICE)
+    before = pixels.clone()
+
+    plain = run_tower(tower, pixels, monkeypatch, fused=False)
+    assert norm_calls == []
+    fused = run_tower(tower, pixels, monkeypatch, fused=True)
+    num_patches = (CONFIG.image_size // CONFIG.patch_size) ** 2
+    assert norm_calls == [(2, num_patches, CONFIG.hidden_size)] * (2 * CONFIG.num_hidden_layers)
+    torch.testing.assert_close(fused, plain, **TOLERANCE)
+    assert torch.equal(pixels, before)
+
+
+def test_fused_residual_leaves_the_weights_as_they_were(norm_calls, monkeypatch):
+    # Only the residual stream is written in place: a second call gives the same result.
+    tower = make_tower(seed=2)
+    weights = {name: t.clone() for name, t in tower.state_dict().items()}
+    gen = torch.Generator().manual_seed(3)
+    pixels = torch.randn(1, 3, CONFIG.image_size, CONFIG.image_size, generator=gen).to(DEVICE)
+    first = run_tower(tower, pixels, monkeypatch, fused=True)
+    assert norm_calls, "the fused path did not run"
+    for name, t in tower.state_dict().items():
+        assert torch.equal(t, weights[name]), name
+    assert torch.equal(run_tower(tower, pixels, monkeypatch, fused=True), first)
+
+
+def test_layers_keep_autograd_where_gradients_are_wanted(norm_calls, monkeypatch):
+    # The LayerNorm kernel has no backward: with trainable weights the plain modules run.
+    monkeypatch.setattr(siglip, "FUSED_RESIDUAL", True)
+    tower = make_tower(seed=4).requires_grad_(True)
+    pixels = torch.randn(1, 3, CONFIG.image_size, CONFIG.image_size, device=DEVICE)
+    tower(pixels).sum().backward()
+    assert norm_calls == []
+    assert tower.encoder.layers[0].layer_norm1.weight.grad is not None
