@@ -1,7 +1,8 @@
 """The vision tower's attention at the Gemma3 SigLIP shape (32 images x 4096 patches, 16 heads of
 72) on one GPU: SDPA as vision/siglip.py runs it (on [N, H, P, D] views of the fused q/k/v
 projection, then the transpose/reshape copy the out projection needs), SDPA with each backend
-forced, SDPA at head_dim 64 and 128 for scale, and the Triton kernel of
+forced, SDPA at head_dim 64 and 128 for scale, the Gluon kernel of
+kernels/gluon_vision_attention.py (what the tower runs on Hopper), and the Triton kernel of
 kernels/triton_vision_attention.py over a sweep of launch configs. Each row: median ms of
 several CUDA-event-timed calls, TFLOP/s of useful work (4 * N * H * P^2 * D), and the max abs
 error on the first image against a float32 reference. The fastest config is printed last, ready
@@ -26,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
+from vlm_engine.kernels import gluon_vision_attention  # noqa: E402
 from vlm_engine.kernels.triton_vision_attention import (  # noqa: E402
     VisionAttentionConfig,
     default_config,
@@ -183,6 +185,13 @@ def main() -> None:
         fn = sdpa_on_views(random_qkv(args, other_dim), h, True)
         table.time(f"SDPA + copy at head_dim {other_dim}", fn, 4 * n * h * p * p * other_dim)
 
+    if gluon_vision_attention.supported(qkv, h):
+        table.time(
+            "Gluon: warp-specialized, TMA, async wgmma (the tower's default on Hopper)",
+            lambda: gluon_vision_attention.vision_attention(qkv, h),
+        )
+    else:
+        print("| Gluon kernel | skipped: not supported here (needs Hopper, 64 < D <= 80) | | | |")
     table.time(
         f"{label(default_config(p, qkv.device))} (default)", lambda: vision_attention(qkv, h)
     )

@@ -1,8 +1,11 @@
 """Attention of the SigLIP vision tower over the fused q/k/v projection output: every patch sees
 every patch of its own image.
 
-By default `vision_attention_ref`: SDPA on [N, H, P, D] views (cuDNN's flash kernel on an
-H100). The Triton kernel (kernels/triton_vision_attention.py) reads q, k and v in place and
+On a Hopper GPU, for the inputs it takes (SigLIP-so400m's head_dim 72 at 896 px among them), the
+Gluon kernel (kernels/gluon_vision_attention.py): 6.0 ms against 6.7-6.9 ms for SDPA and its
+output copy at [32, 16, 4096, 72] on an H100. VLM_ENGINE_VISION_GLUON_ATTN=0 turns it off
+(`GLUON_ENABLED`, read at each call). Otherwise `vision_attention_ref`: SDPA on [N, H, P, D]
+views (cuDNN's flash kernel on an H100). The Triton kernel (kernels/triton_vision_attention.py) reads q, k and v in place and
 computes head_dim 72 as 64 + 16 where cuDNN pads it to 128, but on an H100 it is still slower
 (best config 6.80 ms against 6.66 for SDPA and its output copy at [32, 16, 4096, 72]; the
 tower 73 against 81 images/s): it is opt-in, for bf16/fp16 on a GPU, with
@@ -16,11 +19,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from vlm_engine.kernels import triton_vision_attention
+from vlm_engine.kernels import gluon_vision_attention, triton_vision_attention
 from vlm_engine.kernels.triton_attention import runs_on_triton
 from vlm_engine.kernels.triton_vision_attention import qkv_head_dim
 
 ENABLED = os.environ.get("VLM_ENGINE_VISION_TRITON_ATTN", "0") == "1"
+GLUON_ENABLED = os.environ.get("VLM_ENGINE_VISION_GLUON_ATTN", "1") != "0"
 
 
 def vision_attention_ref(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -36,6 +40,8 @@ def vision_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """qkv [N, P, 3 * H * D] -> [N, P, H * D], scale D ** -0.5, no mask."""
     if _takes_triton(qkv):
         return triton_vision_attention.vision_attention(qkv, num_heads)
+    if GLUON_ENABLED and gluon_vision_attention.supported(qkv, num_heads):
+        return gluon_vision_attention.vision_attention(qkv, num_heads)
     return vision_attention_ref(qkv, num_heads)
 
 

@@ -1,0 +1,118 @@
+"""The Gluon vision-tower attention kernel (Hopper only) against SDPA in float32, and its dispatch.
+
+Gluon has no interpreter: on a CPU the kernel is compiled for compute capability 9.0 (Triton
+ships ptxas), which catches what a change to the kernel or to Gluon's API breaks, and the PTX is
+checked for what the design rests on (TMA, asynchronous warpgroup MMAs, per-partition register
+counts). On a Hopper GPU the kernel runs and is compared with float32 attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm_engine.kernels import gluon_vision_attention as gva
+from vlm_engine.kernels import vision_attention as va
+from vlm_engine.kernels.vision_attention import vision_attention_ref
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_gluon = pytest.mark.skipif(
+    gva.gluon is None, reason="this triton has no Gluon with Hopper support"
+)
+needs_hopper = pytest.mark.skipif(
+    not HOPPER, reason="the kernel runs only on a Hopper GPU (wgmma, setmaxnreg)"
+)
+H100_SHARED_MEMORY = 232448  # bytes of shared memory one program may use on an H100
+
+
+@needs_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [72, 80])
+def test_compiles_for_hopper(dtype, head_dim):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    num_heads = 4
+    qkv = torch.zeros(2, 512, 3 * num_heads * head_dim, dtype=dtype)  # CPU: descriptors only
+    names = ["q_desc", "q_tail_desc", "kv_desc", "kv_tail_desc"]
+    descriptors = gva.descriptors(qkv, num_heads)
+    signature = {name: mangle_type(d) for name, d in zip(names, descriptors, strict=True)}
+    signature |= {"out_ptr": "*bf16" if dtype == torch.bfloat16 else "*fp16"}
+    signature |= {"num_patches": "i32", "num_heads": "i32", "out_row_stride": "i32"}
+    signature |= {"qk_scale": "fp32"}
+    constants = {
+        "HEAD_DIM": head_dim, "BLOCK_M": gva.BLOCK_M, "BLOCK_N": gva.BLOCK_N,
+        "STAGES": gva.STAGES, "PRODUCER_REGISTERS": gva.PRODUCER_REGISTERS,
+        "CONSUMER_REGISTERS": gva.CONSUMER_REGISTERS,
+    }  # fmt: skip
+    signature |= dict.fromkeys(constants, "constexpr")
+    source = GluonASTSource(gva.vision_attention_kernel, signature, constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+    ptx = compiled.asm["ptx"]
+    assert len(compiled.asm["cubin"]) > 0
+    assert "cp.async.bulk.tensor.3d" in ptx  # TMA loads over the [tokens, 3H, D] view
+    assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 2" in ptx  # S before PV
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{gva.CONSUMER_REGISTERS}" in ptx
+    assert f"setmaxnreg.dec.sync.aligned.u32 \t{gva.PRODUCER_REGISTERS}" in ptx
+    assert compiled.metadata.shared <= H100_SHARED_MEMORY
+
+
+def test_not_supported_off_hopper_or_off_shape():
+    qkv = torch.zeros(1, 4096, 3 * 16 * 72, dtype=torch.bfloat16)
+    assert not gva.supported(qkv, 16)  # CPU
+    with pytest.raises(ValueError, match="does not take"):
+        gva.vision_attention(qkv, 16)
+
+
+@needs_hopper
+@needs_gluon
+def test_supported_shapes():
+    def qkv(n, p, h, d, dtype=torch.bfloat16):
+        return torch.zeros(n, p, 3 * h * d, dtype=dtype, device="cuda")
+
+    assert gva.supported(qkv(2, 4096, 16, 72), 16)
+    assert gva.supported(qkv(1, 256, 4, 80, torch.float16), 4)
+    assert not gva.supported(qkv(1, 4096, 16, 64), 16)  # no tail: SDPA
+    assert not gva.supported(qkv(1, 4096, 16, 72, torch.float32), 16)
+    assert not gva.supported(qkv(1, 4000, 16, 72), 16)  # not whole 256-patch blocks
+    assert not gva.supported(qkv(1, 4096, 16, 72)[:, ::2], 16)  # not contiguous
+
+
+@needs_hopper
+@needs_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "num_images,num_patches,num_heads,head_dim",
+    [(2, 4096, 16, 72), (3, 256, 4, 80), (1, 1024, 3, 72), (5, 512, 2, 72)],
+)
+def test_matches_float32_attention(dtype, num_images, num_patches, num_heads, head_dim):
+    gen = torch.Generator(device="cuda").manual_seed(num_patches + head_dim)
+    width = 3 * num_heads * head_dim
+    qkv = torch.randn(num_images, num_patches, width, device="cuda", dtype=dtype, generator=gen)
+    qkv[..., : num_heads * head_dim] *= 2.0  # sharper softmax than unit scores
+    expected = vision_attention_ref(qkv.float(), num_heads)
+    sdpa_error = (vision_attention_ref(qkv, num_heads).float() - expected).abs().max().item()
+
+    out = gva.vision_attention(qkv, num_heads)
+
+    assert out.shape == expected.shape and out.dtype == dtype and out.is_contiguous()
+    error = (out.float() - expected).abs().max().item()
+    assert error <= 2 * sdpa_error + 1e-4, (error, sdpa_error)
+
+
+@needs_hopper
+@needs_gluon
+def test_dispatch_takes_gluon_on_hopper(monkeypatch):
+    qkv = torch.randn(1, 4096, 3 * 16 * 72, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    kernel = gva.vision_attention
+    monkeypatch.setattr(gva, "vision_attention", lambda *a: calls.append(1) or kernel(*a))
+    out = va.vision_attention(qkv, 16)
+    assert calls == [1]
+    monkeypatch.setattr(va, "GLUON_ENABLED", False)
+    sdpa = va.vision_attention(qkv, 16)
+    assert calls == [1]
+    assert (out.float() - sdpa.float()).abs().max().item() < 2e-2
