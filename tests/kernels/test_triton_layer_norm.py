@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -88,10 +89,15 @@ def test_layer_norm_add_bias_low_precision(dtype, dim):
     x, weight, bias, add_bias = _inputs((LOW_PRECISION_ROWS, dim), seed=dim, dtype=dtype)
     (out, x_after), (expected, x_expected) = _run_both(x, weight, bias, add_bias)
     # One cast of a float32 result each: the outputs differ only where the statistics' last
-    # float32 bits move a value across a rounding boundary, and then by one ulp.
+    # float32 bits (or a fused multiply-add) move a value across a rounding boundary. Against
+    # float64 the kernel is never off by more than torch's own error plus two ulps (two: near a
+    # power of two the kernel's value may sit in the binade above torch's, whose ulp is half).
     exact = (out == expected).float().mean().item()
     assert exact >= 0.99, f"only {exact:.4f} of the values are bit-identical"
-    assert ((out.float() - expected.float()).abs() <= _ulp(expected)).all()
+    exact64 = F.layer_norm(x.double(), (dim,), weight.double(), bias.double(), EPS)
+    kernel_error = (out.double() - exact64).abs()
+    torch_error = (expected.double() - exact64).abs()
+    assert (kernel_error <= torch_error + 2 * _ulp(expected).double()).all()
     assert torch.equal(x_after, x_expected)
 
 

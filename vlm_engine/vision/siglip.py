@@ -94,7 +94,9 @@ class SiglipMLP(nn.Module):
 
     def activate(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., hidden] -> gelu_tanh(fc1(x)): [..., intermediate], the input of fc2
-        if x.is_cuda:  # the bias and tanh-GELU run in the GEMM's epilogue (cuBLASLt)
+        # On a GPU the bias and tanh-GELU run in the GEMM's epilogue (cuBLASLt); that op has no
+        # backward, so autograd (training the tower) takes the separate ops below.
+        if x.is_cuda and not (torch.is_grad_enabled() and self.fc1.weight.requires_grad):
             h = torch._addmm_activation(
                 self.fc1.bias, x.flatten(0, -2), self.fc1.weight.t(), use_gelu=True
             )
