@@ -124,11 +124,13 @@ def test_matches_float32_attention(dtype, num_images, num_patches, num_heads, he
 @needs_hopper
 @needs_gluon
 def test_dispatch_takes_gluon_on_hopper(monkeypatch):
-    qkv = torch.randn(1, 4096, 3 * 16 * 72, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(2, 4096, 3 * 16 * 72, device="cuda", dtype=torch.bfloat16)
     calls = []
     kernel = gva.vision_attention
     monkeypatch.setattr(gva, "vision_attention", lambda *a: calls.append(1) or kernel(*a))
     out = va.vision_attention(qkv, 16)
+    assert calls == [1]
+    va.vision_attention(qkv[:1].contiguous(), 16)  # one image: SDPA (GLUON_MIN_IMAGES)
     assert calls == [1]
     monkeypatch.setattr(va, "GLUON_ENABLED", False)
     sdpa = va.vision_attention(qkv, 16)

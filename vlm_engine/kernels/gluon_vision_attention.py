@@ -274,11 +274,16 @@ def descriptors(qkv: torch.Tensor, num_heads: int) -> list:
 
     def desc(rows: int, cols: int) -> TensorDescriptor:
         block = [rows, 1, cols]
-        layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+        layout = _shared_layout(tuple(block), dtype)
         return TensorDescriptor(view, list(view.shape), list(view.stride()), block, layout)
 
     q_blocks = [desc(BLOCK_M, 64), desc(BLOCK_M, TAIL_WIDTH)]
     return q_blocks + [desc(BLOCK_N, 64), desc(BLOCK_N, TAIL_WIDTH)]
+
+
+@functools.cache
+def _shared_layout(block: tuple[int, ...], dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
 def vision_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
