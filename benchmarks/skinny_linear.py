@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
 from vlm_engine.kernels import pdl  # noqa: E402
-from vlm_engine.kernels.activation import gelu_and_mul  # noqa: E402
+from vlm_engine.kernels.activation import GATE_UP_GROUP, gelu_and_mul  # noqa: E402
 from vlm_engine.kernels.linear import skinny_config  # noqa: E402
 from vlm_engine.kernels.triton_linear import LinearConfig, skinny_linear  # noqa: E402
 
@@ -90,6 +90,8 @@ def sweep() -> None:
         for config in [picked, *grid]:
             if k // config.split_k < config.block_k:
                 continue
+            if act == "gelu_mul" and config.block_n % (2 * GATE_UP_GROUP):
+                continue  # a tile holds whole groups of gate and up columns
 
             def engine(config=config, x=x, act=act, weights=weights):
                 for w in weights:
