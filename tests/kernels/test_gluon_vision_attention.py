@@ -136,3 +136,37 @@ def test_dispatch_takes_gluon_on_hopper(monkeypatch):
     sdpa = va.vision_attention(qkv, 16)
     assert calls == [1]
     assert (out.float() - sdpa.float()).abs().max().item() < 2e-2
+
+
+@needs_hopper
+@needs_gluon
+def test_tower_with_gluon_attention_matches_sdpa(monkeypatch):
+    # Gemma3's tower shape (so400m at 896 px: width 1152, 16 heads of 72, 4096 patches) cut to 2
+    # layers, random weights, two images so that the dispatch takes the kernel: same last hidden
+    # state as the SDPA path, as far as bf16 allows.
+    from vlm_engine.config import VisionConfig
+    from vlm_engine.vision.siglip import SiglipVisionTower
+
+    config = VisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,
+        image_size=896, patch_size=14,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    tower = SiglipVisionTower(config)
+    for p in tower.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    tower = tower.to("cuda", torch.bfloat16).eval()
+    tower.fuse_projections()
+    pixels = torch.rand(2, 3, 896, 896, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    calls = []
+    kernel = gva.vision_attention
+    monkeypatch.setattr(gva, "vision_attention", lambda *a: calls.append(1) or kernel(*a))
+    with torch.inference_mode():
+        ours = tower(pixels).float()
+        assert calls == [1, 1]  # one per layer
+        monkeypatch.setattr(va, "GLUON_ENABLED", False)
+        sdpa = tower(pixels).float()
+    assert calls == [1, 1]
+    scale = sdpa.abs().max().item()
+    assert (ours - sdpa).abs().max().item() <= 0.02 * scale
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), sdpa.flatten(), dim=0) > 0.9999
