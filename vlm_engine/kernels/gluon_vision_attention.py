@@ -23,8 +23,10 @@ Work decomposition
   to the scores and its extra output columns are not stored. No copy, no padding in memory.
 - A consumer, per key tile j: issue S_j = q k_j^T (main + tail) and O += P_{j-1} v_{j-1} as
   asynchronous warpgroup MMAs; wait for S_j only; online softmax of S_j (float32, exp2 with the
-  scale and log2(e) folded into one FMA) while the tensor cores still run P_{j-1} v_{j-1}; wait;
-  release stage j-1; rescale O. P goes to the second product from registers, in bf16/fp16.
+  scale and log2(e) folded into one FMA); wait for P_{j-1} v_{j-1}; release stage j-1; rescale
+  O. P goes to the second product from registers, in bf16/fp16. (In the SASS, ptxas moves that
+  second wait ahead of most of the softmax; the overlap that is left is between the two
+  consumers, and between S_j and the other consumer's work. See below.)
 - Requirements (`supported`): a compute capability 9.x GPU, bf16/fp16, 64 < D <= 80 with D a
   multiple of 8 (TMA strides are 16-byte aligned), P a multiple of 2 * BLOCK_M and of BLOCK_N
   with at least STAGES key tiles, contiguous qkv. Otherwise `vision_attention` takes SDPA.
