@@ -30,6 +30,15 @@ needs_hopper = pytest.mark.skipif(
 H100_SHARED_MEMORY = 232448  # bytes of shared memory one program may use on an H100
 
 
+@pytest.fixture
+def gluon_calls(monkeypatch) -> list:
+    """One entry per call of the Gluon kernel's wrapper from here on (it still runs)."""
+    calls = []
+    kernel = gva.vision_attention
+    monkeypatch.setattr(gva, "vision_attention", lambda *a: calls.append(1) or kernel(*a))
+    return calls
+
+
 # Compiled in a fresh interpreter: the `interpret` fixture of other kernel tests swaps Triton's
 # language helpers for interpreted twins, which Gluon's compiler must not pick up.
 _COMPILE = """
@@ -123,24 +132,21 @@ def test_matches_float32_attention(dtype, num_images, num_patches, num_heads, he
 
 @needs_hopper
 @needs_gluon
-def test_dispatch_takes_gluon_on_hopper(monkeypatch):
+def test_dispatch_takes_gluon_on_hopper(monkeypatch, gluon_calls):
     qkv = torch.randn(2, 4096, 3 * 16 * 72, device="cuda", dtype=torch.bfloat16)
-    calls = []
-    kernel = gva.vision_attention
-    monkeypatch.setattr(gva, "vision_attention", lambda *a: calls.append(1) or kernel(*a))
     out = va.vision_attention(qkv, 16)
-    assert calls == [1]
+    assert gluon_calls == [1]
     va.vision_attention(qkv[:1].contiguous(), 16)  # one image: SDPA (GLUON_MIN_IMAGES)
-    assert calls == [1]
+    assert gluon_calls == [1]
     monkeypatch.setattr(va, "GLUON_ENABLED", False)
     sdpa = va.vision_attention(qkv, 16)
-    assert calls == [1]
+    assert gluon_calls == [1]
     assert (out.float() - sdpa.float()).abs().max().item() < 2e-2
 
 
 @needs_hopper
 @needs_gluon
-def test_tower_with_gluon_attention_matches_sdpa(monkeypatch):
+def test_tower_with_gluon_attention_matches_sdpa(monkeypatch, gluon_calls):
     # Gemma3's tower shape (so400m at 896 px: width 1152, 16 heads of 72, 4096 patches) cut to 2
     # layers, random weights, two images so that the dispatch takes the kernel: same last hidden
     # state as the SDPA path, as far as bf16 allows.
@@ -158,15 +164,12 @@ def test_tower_with_gluon_attention_matches_sdpa(monkeypatch):
     tower = tower.to("cuda", torch.bfloat16).eval()
     tower.fuse_projections()
     pixels = torch.rand(2, 3, 896, 896, device="cuda", dtype=torch.bfloat16) * 2 - 1
-    calls = []
-    kernel = gva.vision_attention
-    monkeypatch.setattr(gva, "vision_attention", lambda *a: calls.append(1) or kernel(*a))
     with torch.inference_mode():
         ours = tower(pixels).float()
-        assert calls == [1, 1]  # one per layer
+        assert gluon_calls == [1, 1]  # one per layer
         monkeypatch.setattr(va, "GLUON_ENABLED", False)
         sdpa = tower(pixels).float()
-    assert calls == [1, 1]
+    assert gluon_calls == [1, 1]
     scale = sdpa.abs().max().item()
     assert (ours - sdpa).abs().max().item() <= 0.02 * scale
     assert torch.nn.functional.cosine_similarity(ours.flatten(), sdpa.flatten(), dim=0) > 0.9999

@@ -48,6 +48,8 @@ import functools
 
 import torch
 
+from vlm_engine.kernels.triton_import import cuda_capability
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -253,7 +255,7 @@ def supported(qkv: torch.Tensor, num_heads: int) -> bool:
         return False
     head_dim = width // (3 * num_heads)
     return (
-        _is_hopper(qkv.device.index if qkv.device.index is not None else 0)
+        cuda_capability(qkv.device)[0] == 9
         and 64 < head_dim <= 64 + TAIL_WIDTH
         and head_dim % 8 == 0
         and num_patches % (2 * BLOCK_M) == 0
@@ -261,11 +263,6 @@ def supported(qkv: torch.Tensor, num_heads: int) -> bool:
         and num_patches // BLOCK_N >= STAGES
         and num_images * num_heads <= 65535
     )
-
-
-@functools.cache
-def _is_hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
 def descriptors(qkv: torch.Tensor, num_heads: int) -> list:

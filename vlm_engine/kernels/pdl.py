@@ -21,12 +21,11 @@ kernel launches; set it before the first launch, since CUDA graphs keep what the
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from vlm_engine.kernels.triton_import import jit, tl, triton
+from vlm_engine.kernels.triton_import import cuda_capability, jit, tl, triton
 
 ENABLED = os.environ.get("VLM_ENGINE_PDL", "1") != "0"
 
@@ -39,18 +38,13 @@ def pdl_wait(USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-@functools.cache
-def _device_supports_pdl(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: a Hopper-or-later GPU, compiled kernels."""
     if not ENABLED or triton is None or device.type != "cuda":
         return False
     if not isinstance(pdl_wait, triton.runtime.JITFunction):  # the interpreter
         return False
-    return _device_supports_pdl(device.index if device.index is not None else 0)
+    return cuda_capability(device)[0] >= 9
 
 
 def pdl_options(device: torch.device) -> dict:

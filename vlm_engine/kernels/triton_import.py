@@ -1,8 +1,12 @@
 """triton, imported when it is installed: kernel modules that must import without it (CPU-only
 installs) take `triton`, `tl` and `jit` from here. Without triton, `triton` is None, `jit` leaves
-functions as they are, and `tl.constexpr` exists so that kernel signatures still evaluate."""
+functions as they are, and `tl.constexpr` exists so that kernel signatures still evaluate.
+`cuda_capability` is the one cached device-capability lookup the kernels' dispatch uses."""
 
+import functools
 from types import SimpleNamespace
+
+import torch
 
 try:
     import triton
@@ -14,3 +18,13 @@ except ImportError:
 
 def jit(fn):
     return fn if triton is None else triton.jit(fn)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (index None: device 0), cached."""
+    return _capability(device.index if device.index is not None else 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)

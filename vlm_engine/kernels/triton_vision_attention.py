@@ -34,14 +34,13 @@ Work decomposition
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from vlm_engine.kernels.pdl import pdl_options, pdl_wait
-from vlm_engine.kernels.triton_import import jit, tl, triton
+from vlm_engine.kernels.triton_import import cuda_capability, jit, tl, triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (images x heads)
@@ -218,14 +217,9 @@ SHORT_CONFIG = VisionAttentionConfig(block_m=64, block_n=64, num_warps=4, num_st
 def default_config(num_patches: int, device: torch.device) -> VisionAttentionConfig:
     if num_patches < 1024:
         return SHORT_CONFIG
-    if device.type == "cuda" and _capability(device.index or 0)[0] == 9:
+    if device.type == "cuda" and cuda_capability(device)[0] == 9:
         return HOPPER_CONFIG
     return LONG_CONFIG
-
-
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
