@@ -52,8 +52,9 @@ class Engine:
         self.config = EngineConfig.from_options(**options)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.model_config = ModelConfig.from_hf(self.checkpoint_dir)
+        on_gpu = resolve_device(self.config).type == "cuda"
         in_process = self.config.core_process is False or (
-            self.config.core_process is None and resolve_device(self.config).type != "cuda"
+            self.config.core_process is None and not on_gpu
         )
         self._closed = False
         self.core: EngineCore | CoreProcess
@@ -78,6 +79,7 @@ class Engine:
             model_id=str(self.checkpoint_dir.resolve()),
             engine_config=self.config,
             max_model_len=self.max_model_len,
+            resize_on_device=_default(self.config.resize_on_device, on_gpu),
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -372,6 +374,10 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _default(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
 
 
 def _as_list(prompts: Prompt | Iterable[Prompt]) -> list[Any]:

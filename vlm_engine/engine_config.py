@@ -30,6 +30,7 @@ class EngineConfig:
     max_images_per_prompt: int | None = None  # more images are rejected; None: max_model_len bounds
     scheduling_policy: str = "fcfs"  # or "priority" (lower value first)
     core_process: bool | None = None  # engine core in its own process; None: on a GPU only
+    resize_on_device: bool | None = None  # resize images in the core, on its device; None: GPU
     seed: int | None = None  # seeds unseeded sampling; None: fresh entropy
     processor_options: dict[str, Any] = field(default_factory=dict)  # e.g. do_pan_and_scan
 
@@ -64,7 +65,7 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
-        for name in ("core_process", "async_scheduling"):
+        for name in ("core_process", "async_scheduling", "resize_on_device"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be True, False or None, got {getattr(self, name)!r}")
         if self.load_format not in ("safetensors", "dummy"):

@@ -32,7 +32,8 @@ def checkpoint(tmp_path_factory):
 def engines(checkpoint):
     with (
         Engine(checkpoint, **OPTIONS, core_process=False) as local,
-        Engine(checkpoint, **OPTIONS, core_process=True) as remote,
+        # the remote one also resizes its images in the core: they cross at their own sizes
+        Engine(checkpoint, **OPTIONS, core_process=True, resize_on_device=True) as remote,
     ):
         yield local, remote
 

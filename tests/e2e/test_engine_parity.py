@@ -94,6 +94,8 @@ def run_engine(checkpoint, images, specs=SPECS, **options):
 
 CONFIGS = {
     "roomy": {},
+    # The images' resize in torch, in the core (the default on a GPU), instead of PIL's.
+    "resize_on_device": {"resize_on_device": True},
     "chunked_prefill": {"max_num_batched_tokens": 24},
     "preemption": {"num_kv_blocks": 34, "max_num_batched_tokens": 64},
     "block_inside_image": {"block_size": 5, "max_num_batched_tokens": 40},

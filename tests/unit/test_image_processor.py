@@ -276,6 +276,43 @@ def test_uint8_path_then_normalize_equals_preprocess():
     assert processed.num_crops == num_crops
 
 
+@pytest.mark.parametrize("resample", [Image.Resampling.BILINEAR, Image.Resampling.BICUBIC])
+def test_resize_left_to_the_device_gives_the_same_floats(resample):
+    """preprocess_uint8(resize=False) + to_model_input == the host path, byte for byte, for a
+    batch mixing sizes: upscaled, downscaled, already at size, two of one size, one over the
+    device cap and one with pan-and-scan crops (those two resized on the host)."""
+    processor = Gemma3ImageProcessor(
+        ImageProcessorConfig.from_dict(
+            options(
+                64,
+                resample=int(resample),
+                pan_and_scan_min_crop_size=16,
+                pan_and_scan_min_ratio_to_activate=2.0,
+                **PAS,
+            )
+        )
+    )
+    sizes = [(40, 30), (120, 100), (64, 64), (40, 30), (300, 300), (120, 40)]
+    images = [random_image("RGB", w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    items = [processor.preprocess_uint8(image, resize=False)[0] for image in images]
+    shapes = [tuple(item.shape) for item in items]
+    assert shapes[:4] == [(1, 3, 30, 40), (1, 3, 100, 120), (1, 3, 64, 64), (1, 3, 30, 40)]
+    assert shapes[4] == (1, 3, 64, 64)  # 90000 pixels > 4 * 64 * 64: resized on the host
+    assert shapes[5] == (4, 3, 64, 64)  # the image and 3 crops: resized on the host
+    assert [processor.resizes_on_device(w, h) for w, h in sizes] == [True] * 4 + [False] * 2
+    expected = torch.cat([processor.preprocess(image).pixel_values for image in images])
+    assert torch.equal(processor.to_model_input(items), expected)
+    assert torch.equal(processor.to_model_input(items[1:2]), expected[1:2])
+
+
+def test_resize_on_the_device_follows_do_resize():
+    processor = Gemma3ImageProcessor(ImageProcessorConfig.from_dict(options(32, do_resize=False)))
+    image = random_image("RGB", 32, 32, seed=3)
+    assert not processor.resizes_on_device(32, 32)
+    pixels, _ = processor.preprocess_uint8(image, resize=False)
+    assert torch.equal(processor.to_model_input([pixels]), processor.preprocess(image).pixel_values)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -46,7 +46,7 @@ class EngineCore:
         num_blocks: int,
         max_model_len: int,
         connector: ECConnector | None = None,
-        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        to_model_input: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
     ):
         self.config = config
         self.max_model_len = max_model_len
@@ -57,7 +57,7 @@ class EngineCore:
         self.scheduler = Scheduler(config, self.kv_manager, max_model_len)
         self.runner = ModelRunner(
             model, num_blocks, config.block_size, config.seed, config.max_num_seqs,
-            max_model_len, connector, normalize,
+            max_model_len, connector, to_model_input,
         )  # fmt: skip
         self.num_steps = 0
         self.step_seconds = {"schedule": 0.0, "execute": 0.0, "update": 0.0}  # host wall time

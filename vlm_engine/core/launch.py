@@ -57,8 +57,10 @@ def build_core(checkpoint_dir: Path, config: EngineConfig) -> EngineCore:
         fingerprint = model_fingerprint(checkpoint_dir, dtype)
         connector = make_connector(config.ec_connector, fingerprint)
     image_processor = make_image_processor(model_config, checkpoint_dir, config)
-    normalize = image_processor.normalize if image_processor is not None else None
-    return EngineCore(model, config, num_blocks, min(wanted_len, capacity), connector, normalize)
+    to_model_input = image_processor.to_model_input if image_processor is not None else None
+    return EngineCore(
+        model, config, num_blocks, min(wanted_len, capacity), connector, to_model_input
+    )
 
 
 def make_image_processor(

@@ -59,8 +59,10 @@ class InputProcessor:
         model_id: str,
         engine_config: EngineConfig,
         max_model_len: int,
+        resize_on_device: bool = False,
     ):
         self.config = config
+        self.resize_on_device = resize_on_device  # leave the resize to the core's device
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.prompt_builder = PromptBuilder(tokenizer, config.image_tokens)
@@ -190,7 +192,9 @@ class InputProcessor:
         if processed is None:
             if image is None:  # known by its uuid or file bytes, but not yet preprocessed
                 image = load_image(source, self.limits.max_image_pixels)
-            pixels, num_crops = self.image_processor.preprocess_uint8(image)
+            pixels, num_crops = self.image_processor.preprocess_uint8(
+                image, resize=not self.resize_on_device
+            )
             processed = ProcessedImage(pixels, num_crops)  # normalized on the device
             self.processor_cache.put(mm_hash, processed)
         return mm_hash, processed

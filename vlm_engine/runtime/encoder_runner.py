@@ -3,7 +3,6 @@ connector when it has them, else by running the vision tower (whose results it t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -19,10 +18,12 @@ class EncoderRunner:
         self,
         model: Gemma3Model,
         connector: ECConnector | None,
-        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        to_model_input: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
     ):
         self.model = model
-        self.normalize = normalize  # uint8 pixels -> model-ready floats, on the device
+        # uint8 pixels of each image, on the device -> the tower's float input (resized where
+        # the frontend left that to the device, normalized): Gemma3ImageProcessor.to_model_input
+        self.to_model_input = to_model_input
         self.connector = connector  # keyed by this model's fingerprint
         self.cache: dict[str, torch.Tensor] = {}  # mm_hash -> [crops * tokens, hidden]
         self.num_items_encoded = 0  # images and crops run through the vision tower
@@ -60,11 +61,13 @@ class EncoderRunner:
             del todo[mm_hash]
 
     def _encode(self, todo: dict[str, torch.Tensor]) -> None:
-        # [items, 3, H, W] for all images of the step -> per image [crops * tokens, hidden]
+        # [crops, 3, h, w] per image of the step -> per image [crops * tokens, hidden]
         device = self.model.language_model.embed_tokens.weight.device
-        pixels = self._upload(list(todo.values()), device)
-        if pixels.dtype == torch.uint8:
-            pixels = self.normalize(pixels)
+        items = self._upload(list(todo.values()), device)
+        if items[0].dtype == torch.uint8:
+            pixels = self.to_model_input(items)
+        else:
+            pixels = items[0] if len(items) == 1 else torch.cat(items)
         embeds = self.model.embed_images(pixels)
         self.num_items_encoded += embeds.shape[0]
         sizes = [p.shape[0] for p in todo.values()]
@@ -77,15 +80,15 @@ class EncoderRunner:
         self.cache.clear()
         self._staging = self._staged = None
 
-    def _upload(self, items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """The step's pixels, concatenated, on the device. To a GPU through a pinned staging
-        buffer kept across steps: no copy waits for queued work, and no fresh allocation
-        (new pinned or pageable memory costs page faults on every image, milliseconds)."""
+    def _upload(self, items: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """The step's pixels on the device, each image's at its own shape. To a GPU in one copy
+        through a pinned staging buffer kept across steps: no copy waits for queued work, and no
+        fresh allocation (new pinned or pageable memory costs page faults on every image,
+        milliseconds)."""
         if device.type != "cuda":
-            return to_device(torch.cat(items), device)
-        rows = sum(item.shape[0] for item in items)
-        shape = (rows, *items[0].shape[1:])
-        numel = math.prod(shape)
+            return [to_device(item, device) for item in items]
+        sizes = [item.numel() for item in items]
+        numel = sum(sizes)
         staging = self._staging
         if staging is None or staging.numel() < numel or staging.dtype != items[0].dtype:
             size = max(numel, 2 * staging.numel()) if staging is not None else numel
@@ -93,12 +96,12 @@ class EncoderRunner:
             self._staged = None
         if self._staged is not None:
             self._staged.synchronize()  # the previous upload has left the buffer
-        host = self._staging[:numel].view(shape)
-        torch.cat(items, out=host)
-        pixels = host.to(device, non_blocking=True)
+        host = self._staging[:numel]
+        torch.cat([item.reshape(-1) for item in items], out=host)
+        flat = host.to(device, non_blocking=True)
         self._staged = torch.cuda.Event()
         self._staged.record()
-        return pixels
+        return [part.view(item.shape) for part, item in zip(flat.split(sizes), items, strict=True)]
 
     def stats(self) -> dict[str, int]:
         return {"items_encoded": self.num_items_encoded, "images_loaded": self.num_loaded}

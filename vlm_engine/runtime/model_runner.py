@@ -54,7 +54,7 @@ class ModelRunner:
         max_num_seqs: int,
         max_model_len: int,
         connector: ECConnector | None = None,
-        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        to_model_input: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
     ):
         model.fuse_projections()  # one GEMM for q/k/v and one for gate/up
         self.model = model
@@ -62,7 +62,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size)
         self.sampler = Sampler(seed)
-        self.encoder = EncoderRunner(model, connector, normalize)
+        self.encoder = EncoderRunner(model, connector, to_model_input)
         self.graphs: CudaGraphRunner | None = None
         self.prefill_graphs: PrefillGraphRunner | None = None
         max_blocks = -(-max_model_len // block_size)

@@ -18,8 +18,12 @@ import torch
 from PIL import Image
 
 from vlm_engine.errors import ConfigError, InvalidImageError
+from vlm_engine.vision import resize as device_resize
 
 PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+# Images of up to this many times the model's input pixels may be resized on the device; larger
+# ones are resized on the host, so that what crosses to the core and to the GPU stays bounded.
+DEVICE_RESIZE_MAX_SCALE = 4
 
 _RESAMPLE_FILTERS = frozenset(int(f) for f in Image.Resampling)
 _BOOL_FIELDS = ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize", "do_pan_and_scan")
@@ -126,8 +130,9 @@ class ImageProcessorConfig:
 @dataclass(frozen=True)
 class ProcessedImage:
     """Pixels of one image: the whole image first, then its pan-and-scan crops. Normalized
-    float32, or resized uint8 that `Gemma3ImageProcessor.normalize` turns into the same floats
-    (the engine ships uint8 to the device, a quarter of the bytes, and normalizes there)."""
+    float32, or uint8 that `Gemma3ImageProcessor.to_model_input` turns into the same floats
+    (the engine ships uint8 to the device, a quarter of the bytes, and normalizes there; on a GPU
+    it also resizes there, and an image then travels at its own size)."""
 
     pixel_values: torch.Tensor  # [num_crops + 1, 3, H, W] float32 or uint8
     num_crops: int
@@ -169,18 +174,53 @@ class Gemma3ImageProcessor:
         pixels, num_crops = self.preprocess_uint8(image)
         return ProcessedImage(pixel_values=self.normalize(pixels), num_crops=num_crops)
 
-    def preprocess_uint8(self, image: Image.Image) -> tuple[torch.Tensor, int]:
-        """Resized uint8 pixels ``[num_crops + 1, 3, H, W]`` (image, then crops) and num_crops."""
+    def preprocess_uint8(self, image: Image.Image, resize: bool = True) -> tuple[torch.Tensor, int]:
+        """uint8 pixels ``[num_crops + 1, 3, H, W]`` (image, then crops) and num_crops.
+
+        With ``resize=False``, an image that `resizes_on_device` is returned at its own size
+        ``[1, 3, h, w]``, for `to_model_input` to resize on the device (byte for byte the same).
+        """
         pixels = self._rgb_pixels(image)  # [h, w, 3] uint8
         height, width = pixels.shape[:2]
         num_crops = self.num_crops(width, height)
         views = [pixels, *_pan_and_scan_crops(pixels, num_crops)]
-        if self.config.do_resize:
+        if self.config.do_resize and (resize or not self.resizes_on_device(width, height)):
             views = [self._resize(view) for view in views]
         # numpy, not torch: frontend threads run this at once, and torch's CPU ops would each
         # start a pool of intra-op threads that oversubscribe the cores the GPU's driver needs.
         batch = np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2))  # [n, 3, H, W]
         return torch.from_numpy(batch), num_crops
+
+    def resizes_on_device(self, width: int, height: int) -> bool:
+        """Whether `preprocess_uint8(image, resize=False)` leaves this image's resize to the
+        device: one view (no pan-and-scan crops, whose sizes differ), a filter `resize_uint8`
+        reproduces, and at most DEVICE_RESIZE_MAX_SCALE times the model's input pixels."""
+        cfg = self.config
+        out_h, out_w = cfg.size
+        return (
+            cfg.do_resize
+            and cfg.resample in (device_resize.BILINEAR, device_resize.BICUBIC)
+            and self.num_crops(width, height) == 0
+            and width * height <= DEVICE_RESIZE_MAX_SCALE * out_h * out_w
+        )
+
+    def to_model_input(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """The vision tower's input from `preprocess_uint8` outputs already on the device:
+        those not yet at the model's size resized (PIL's arithmetic, see vision/resize.py; one
+        batch per input size), then all of them normalized as one float32 ``[n, 3, H, W]``."""
+        size = tuple(self.config.size)
+        items = list(items)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(items):
+            if self.config.do_resize and tuple(item.shape[-2:]) != size:
+                by_shape.setdefault(tuple(item.shape[-2:]), []).append(i)
+        for indices in by_shape.values():
+            batch = torch.cat([items[i] for i in indices])
+            resized = device_resize.resize_uint8(batch, size, self.config.resample)
+            parts = resized.split([items[i].shape[0] for i in indices])
+            for i, part in zip(indices, parts, strict=True):
+                items[i] = part
+        return self.normalize(items[0] if len(items) == 1 else torch.cat(items))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``[..., 3, H, W]`` -> float32 of the same shape, on the device of ``pixels``.

@@ -12,7 +12,7 @@ whose size does not change is skipped.
 
 Weights are computed on the host, with the same float64 operations in the same order as the C
 code, and cached per (in size, out size, filter); the device only gathers, multiplies and sums
-integers, which is exact in any order.
+integers, which is exact in any order, one tap at a time (memory of the output's size).
 """
 
 import functools
@@ -81,13 +81,17 @@ def _coeffs(
 def _resample_axis(x: torch.Tensor, dim: int, out_size: int, resample: int) -> torch.Tensor:
     """One pass of Pillow's 8-bit resampling along dim -1 (horizontal) or -2 (vertical)."""
     idx, fixed = _coeffs(x.shape[dim], out_size, resample, x.device)
-    if dim == -1:
-        taps, weights = x[..., idx], fixed  # [..., h, out, k]
-    else:
-        taps, weights = x[..., idx, :], fixed[:, :, None]  # [..., out, k, w]
-    # int32 is exact: Pillow sizes PRECISION_BITS so that these sums cannot overflow
-    acc = taps.int().mul_(weights).sum(dim, dtype=torch.int32)
-    acc += 1 << (PRECISION_BITS - 1)
+    # int32 is exact: Pillow sizes PRECISION_BITS so that these sums cannot overflow. One tap at
+    # a time, so that memory stays at the output's size however many taps a downscale needs.
+    shape = list(x.shape)
+    shape[dim] = out_size
+    acc = torch.full(shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
+    for tap in range(idx.shape[1]):
+        if dim == -1:
+            taps, weights = x[..., idx[:, tap]], fixed[:, tap]  # [..., h, out], [out]
+        else:
+            taps, weights = x[..., idx[:, tap], :], fixed[:, tap, None]  # [..., out, w], [out, 1]
+        acc += taps.int().mul_(weights)
     return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
