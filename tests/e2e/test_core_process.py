@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from vlm_engine import AsyncEngine, ConfigError, Engine, EngineDeadError, SamplingParams
+from vlm_engine.core.core_client import SHUTDOWN_SECONDS
 from vlm_engine.errors import NotAnImageError
 from vlm_engine.testing import make_tiny_checkpoint
 from vlm_engine.testing.samples import random_image
@@ -165,8 +166,9 @@ def test_a_dead_core_fails_a_blocking_generate(checkpoint):
 
 
 HOST = """
-import sys
+import faulthandler, signal, sys
 from vlm_engine import Engine, SamplingParams
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
 engine = Engine(sys.argv[1], device="cpu", dtype="float32", core_process=True)
 print(engine.core.process.pid, flush=True)
 while True:
@@ -179,14 +181,26 @@ while True:
 def test_no_core_outlives_its_host_program(checkpoint, tmp_path, signum):
     script = tmp_path / "host.py"
     script.write_text(HOST)
-    host = subprocess.Popen(
-        [sys.executable, str(script), str(checkpoint)], stdout=subprocess.PIPE, text=True
-    )
+    stderr = tmp_path / "host.err"  # a file, not a pipe: nothing blocks on a full pipe
+    with stderr.open("w") as err:
+        host = subprocess.Popen(
+            [sys.executable, str(script), str(checkpoint)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     try:
         core_pid = int(host.stdout.readline())
         assert host.stdout.readline().strip() == "round"  # generating
         host.send_signal(signum)
-        host.wait(30)
+        try:  # an interrupted host asks its core to stop and waits for it up to SHUTDOWN_SECONDS
+            host.wait(SHUTDOWN_SECONDS + 30)
+        except subprocess.TimeoutExpired:
+            host.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            host.kill()
+            host.wait()
+            pytest.fail(f"the host did not exit; its threads:\n{stderr.read_text()[-6000:]}")
         assert wait_gone(core_pid), f"core {core_pid} outlived its host ({signum.name})"
     finally:
         host.kill()
