@@ -205,3 +205,4 @@ def test_no_core_outlives_its_host_program(checkpoint, tmp_path, signum):
     finally:
         host.kill()
         host.wait()
+        host.stdout.close()
