@@ -169,6 +169,9 @@ HOST = """
 import faulthandler, signal, sys
 from vlm_engine import Engine, SamplingParams
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
+# Ctrl-C raises KeyboardInterrupt even where the suite was started in the background, whose
+# programs inherit SIGINT ignored (and Python then leaves it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 engine = Engine(sys.argv[1], device="cpu", dtype="float32", core_process=True)
 print(engine.core.process.pid, flush=True)
 while True:
