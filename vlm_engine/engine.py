@@ -72,6 +72,9 @@ class Engine:
             self.core.close()
             raise
         self.max_model_len = self.core.max_model_len
+        resize_on_device = self.config.resize_on_device
+        if resize_on_device is None:  # the default: on a GPU
+            resize_on_device = on_gpu
         self.input_processor = InputProcessor(
             self.model_config,
             self.tokenizer,
@@ -79,7 +82,7 @@ class Engine:
             model_id=str(self.checkpoint_dir.resolve()),
             engine_config=self.config,
             max_model_len=self.max_model_len,
-            resize_on_device=_default(self.config.resize_on_device, on_gpu),
+            resize_on_device=resize_on_device,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -374,10 +377,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _default(value: bool | None, default: bool) -> bool:
-    return default if value is None else value
 
 
 def _as_list(prompts: Prompt | Iterable[Prompt]) -> list[Any]:

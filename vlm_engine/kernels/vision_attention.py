@@ -5,11 +5,11 @@ On a Hopper GPU, for the inputs it takes (SigLIP-so400m's head_dim 72 at 896 px 
 Gluon kernel (kernels/gluon_vision_attention.py): 6.0 ms against 6.7-6.9 ms for SDPA and its
 output copy at [32, 16, 4096, 72] on an H100. VLM_ENGINE_VISION_GLUON_ATTN=0 turns it off
 (`GLUON_ENABLED`, read at each call). Otherwise `vision_attention_ref`: SDPA on [N, H, P, D]
-views (cuDNN's flash kernel on an H100). The Triton kernel (kernels/triton_vision_attention.py) reads q, k and v in place and
-computes head_dim 72 as 64 + 16 where cuDNN pads it to 128, but on an H100 it is still slower
-(best config 6.80 ms against 6.66 for SDPA and its output copy at [32, 16, 4096, 72]; the
-tower 73 against 81 images/s): it is opt-in, for bf16/fp16 on a GPU, with
-VLM_ENGINE_VISION_TRITON_ATTN=1 (`ENABLED`, read at each call).
+views (cuDNN's flash kernel on an H100). The Triton kernel (kernels/triton_vision_attention.py)
+reads q, k and v in place and computes head_dim 72 as 64 + 16 where cuDNN pads it to 128, but on
+an H100 it is still slower (best config 6.80 ms against 6.66 for SDPA and its output copy at
+[32, 16, 4096, 72]; the tower 73 against 81 images/s): it is opt-in, for bf16/fp16 on a GPU,
+with VLM_ENGINE_VISION_TRITON_ATTN=1 (`ENABLED`, read at each call).
 """
 
 from __future__ import annotations

@@ -64,10 +64,7 @@ class EncoderRunner:
         # [crops, 3, h, w] per image of the step -> per image [crops * tokens, hidden]
         device = self.model.language_model.embed_tokens.weight.device
         items = self._upload(list(todo.values()), device)
-        if items[0].dtype == torch.uint8:
-            pixels = self.to_model_input(items)
-        else:
-            pixels = items[0] if len(items) == 1 else torch.cat(items)
+        pixels = self.to_model_input(items) if items[0].dtype == torch.uint8 else torch.cat(items)
         embeds = self.model.embed_images(pixels)
         self.num_items_encoded += embeds.shape[0]
         sizes = [p.shape[0] for p in todo.values()]

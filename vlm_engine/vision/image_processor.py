@@ -220,7 +220,7 @@ class Gemma3ImageProcessor:
             parts = resized.split([items[i].shape[0] for i in indices])
             for i, part in zip(indices, parts, strict=True):
                 items[i] = part
-        return self.normalize(items[0] if len(items) == 1 else torch.cat(items))
+        return self.normalize(torch.cat(items))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``[..., 3, H, W]`` -> float32 of the same shape, on the device of ``pixels``.
