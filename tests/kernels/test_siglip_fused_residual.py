@@ -1,5 +1,6 @@
-"""The SigLIP tower's fused residual path (LayerNorm kernels that add the next bias in place,
-GEMMs that accumulate onto the residual stream) against its plain modules.
+"""The SigLIP tower's fused residual path (a residual stream without the closing projections'
+biases, GEMMs that accumulate onto it, LayerNorm kernels that add the biases' running sum) against
+its plain modules.
 
 Without CUDA the fused path is forced on the CPU and its LayerNorm kernel runs on Triton's
 interpreter (the `interpret` fixture of conftest.py); with CUDA the tower runs natively. Both in
@@ -39,13 +40,13 @@ def norm_calls(interpret, monkeypatch) -> list:
         monkeypatch.setattr(siglip, "runs_on_triton", lambda x: True)
         monkeypatch.setattr(norm, "runs_on_triton", lambda x: True)
     calls = []
-    kernel = triton_norm.layer_norm_add_bias_
+    kernel = triton_norm.layer_norm
 
     def spy(x, *args, **kwargs):
         calls.append(x.shape)
         return kernel(x, *args, **kwargs)
 
-    monkeypatch.setattr(triton_norm, "layer_norm_add_bias_", spy)
+    monkeypatch.setattr(triton_norm, "layer_norm", spy)
     return calls
 
 
@@ -79,9 +80,26 @@ def test_fused_residual_matches_the_plain_layers(norm_calls, monkeypatch, fuse_p
     assert norm_calls == []
     fused = run_tower(tower, pixels, monkeypatch, fused=True)
     num_patches = (CONFIG.image_size // CONFIG.patch_size) ** 2
-    assert norm_calls == [(2, num_patches, CONFIG.hidden_size)] * (2 * CONFIG.num_hidden_layers)
+    # two norms a layer and the final one, each adding the biases left out so far
+    expected_calls = 2 * CONFIG.num_hidden_layers + 1
+    assert norm_calls == [(2, num_patches, CONFIG.hidden_size)] * expected_calls
     torch.testing.assert_close(fused, plain, **TOLERANCE)
     assert torch.equal(pixels, before)
+
+
+def test_fused_encoder_adds_the_biases_it_left_out(norm_calls, monkeypatch):
+    # The encoder alone (no final norm to take the biases' sum) returns the full residual stream.
+    tower = make_tower(seed=5)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, CONFIG.hidden_size, generator=gen).to(DEVICE)
+    monkeypatch.setattr(siglip, "FUSED_RESIDUAL", False)
+    with torch.inference_mode():
+        plain = tower.encoder(x.clone())
+    monkeypatch.setattr(siglip, "FUSED_RESIDUAL", True)
+    with torch.inference_mode():
+        fused = tower.encoder(x.clone())
+    assert len(norm_calls) == 2 * CONFIG.num_hidden_layers
+    torch.testing.assert_close(fused, plain, **TOLERANCE)
 
 
 def test_fused_residual_leaves_the_weights_as_they_were(norm_calls, monkeypatch):

@@ -1,5 +1,5 @@
 """RMSNorm as Gemma computes it: float32 statistics, scaled by (1 + weight), cast back last; and
-the SigLIP tower's LayerNorm that adds a bias into its input in the same pass."""
+the SigLIP tower's LayerNorm, which can add a float32 vector to its input first."""
 
 import torch
 import torch.nn.functional as F
@@ -52,31 +52,30 @@ def post_norm_residual_pre_norm_ref(
     return new_residual, rms_norm_ref(new_residual, pre_weight, eps)
 
 
-def layer_norm_add_bias_(
+def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
-    add_bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LayerNorm(x) as a new tensor, then `x += add_bias` in place; one kernel on a GPU."""
+    """LayerNorm of `x + shift` (float32 [dim] or None, added in float32); one kernel on a GPU."""
     if runs_on_triton(x):
         from vlm_engine.kernels import triton_norm
 
-        return triton_norm.layer_norm_add_bias_(x, weight, bias, eps, add_bias)
-    return layer_norm_add_bias_ref(x, weight, bias, eps, add_bias)
+        return triton_norm.layer_norm(x, weight, bias, eps, shift)
+    return layer_norm_ref(x, weight, bias, eps, shift)
 
 
-def layer_norm_add_bias_ref(
+def layer_norm_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
-    add_bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    # x: [..., dim] (updated in place when add_bias is given)  weight, bias, add_bias: [dim]
-    # The norm reads x before the add.
-    out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    if add_bias is not None:
-        x.add_(add_bias)
-    return out
+    # x: [..., dim]  weight, bias: [dim]  shift: [dim] float32 -> [..., dim] in x's dtype
+    if shift is None:
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    shifted = x.float() + shift
+    return F.layer_norm(shifted, x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)

@@ -1,5 +1,5 @@
 """Triton RMSNorm with Gemma numerics, the fused residual step between two decoder norms, and
-the SigLIP tower's LayerNorm that also adds a bias into its input in place.
+the SigLIP tower's LayerNorm, which can add a float32 vector to its input first.
 
 Both follow `rms_norm_ref`: float32 statistics, a float32 scale by (1 + weight), one cast to the
 activation dtype at the end. A program normalizes a tile of BLOCK_ROWS rows x BLOCK_D columns;
@@ -115,17 +115,17 @@ def post_norm_residual_pre_norm_kernel(
 
 
 @triton.jit(do_not_specialize=["num_rows"])
-def layer_norm_add_bias_kernel(
+def layer_norm_kernel(
     x_ptr,
     weight_ptr,
     bias_ptr,
-    add_bias_ptr,
+    shift_ptr,
     out_ptr,
     num_rows,
     dim,
     inv_dim,
     eps,
-    HAS_ADD_BIAS: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -140,14 +140,13 @@ def layer_norm_add_bias_kernel(
     pdl_wait(USE_PDL)
     offsets = rows[:, None] * dim + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:  # written by an earlier kernel: read after the wait
+        x += tl.load(shift_ptr + cols, mask=col_mask, other=0.0)[None, :]
     mean = tl.sum(x, axis=1) * inv_dim
     centered = tl.where(mask, x - mean[:, None], 0.0)  # padding columns must not count
     rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) * inv_dim + eps)
     out = centered * rstd[:, None] * weight[None, :] + bias[None, :]  # torch's order
     tl.store(out_ptr + offsets, out.to(dtype), mask=mask)
-    if HAS_ADD_BIAS:  # from the row as loaded: the norm above saw x before the add
-        add_bias = tl.load(add_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        tl.store(x_ptr + offsets, (x + add_bias[None, :]).to(dtype), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -245,28 +244,29 @@ def post_norm_residual_pre_norm(
     return new_residual, normed
 
 
-def layer_norm_add_bias_(
+def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
-    add_bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LayerNorm over the last dimension of x, and `x += add_bias` in place, in one pass.
+    """LayerNorm over the last dimension of `x + shift`, the sum taken in float32; x is only read.
 
-    x: [..., D], contiguous; weight, bias, add_bias: [D], any float dtype (used as float32).
-    Returns LayerNorm(x, weight, bias) as a new tensor shaped like x, computed from x as it was
-    before the add. With add_bias, x then holds x + add_bias rounded once to its dtype; with
-    None, x is only read. (SigLIP layers add the next projection's bias into the residual stream
-    here, so that the projection's GEMM can accumulate onto x with no epilogue bias.)
+    x: [..., D], contiguous; weight, bias: [D], any float dtype (used as float32); shift: [D]
+    float32 or None. Returns a new tensor shaped like x, in x's dtype. (The SigLIP tower keeps
+    its residual stream without the closing projections' biases; their running sum comes in as
+    `shift`.)
     """
     _check_rows(x, "x")
     if not x.is_contiguous():
-        raise ValueError("x must be contiguous: layer_norm_add_bias_ writes it in place")
+        raise ValueError("x must be contiguous")
     _check_weight(weight, x, "weight")
     _check_weight(bias, x, "bias")
-    if add_bias is not None:
-        _check_weight(add_bias, x, "add_bias")
+    if shift is not None:
+        _check_weight(shift, x, "shift")
+        if shift.dtype != torch.float32:
+            raise ValueError(f"shift must be float32, got {shift.dtype}")
     out = torch.empty_like(x)
     dim = x.shape[-1]
     if x.numel() == 0:
@@ -274,17 +274,17 @@ def layer_norm_add_bias_(
     num_rows = x.numel() // dim
     block_rows, block_d, num_warps = _row_tiling(dim)
     grid = (triton.cdiv(num_rows, block_rows),)
-    layer_norm_add_bias_kernel[grid](
+    layer_norm_kernel[grid](
         x,
         weight,
         bias,
-        bias if add_bias is None else add_bias,  # not read without HAS_ADD_BIAS
+        bias if shift is None else shift,  # not read without HAS_SHIFT
         out,
         num_rows,
         dim,
         1.0 / dim,
         eps,
-        HAS_ADD_BIAS=add_bias is not None,
+        HAS_SHIFT=shift is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_D=block_d,
         **pdl_options(x.device),

@@ -1,11 +1,12 @@
 """SigLIP vision tower as Gemma3 uses it: patch embedding, bidirectional encoder, final LayerNorm.
 
-On a GPU an encoder layer keeps its residual stream in one buffer: each LayerNorm kernel also adds
-the bias of the projection that closes its sublayer (out_proj, fc2) into the stream in place, and
-that projection's GEMM then accumulates onto the stream (addmm_ with beta = 1). That saves the two
-residual adds' passes over [tokens, hidden]; the sums round in another order than `x + f(x)` does.
-`FUSED_RESIDUAL` (environment: VLM_ENGINE_VISION_FUSED_RESIDUAL=0 turns it off, for A/B
-measurements) is read at each layer call.
+On a GPU the encoder keeps its residual stream in one buffer, without the biases of the
+projections that close each sublayer (out_proj, fc2): those projections' GEMMs accumulate onto the
+stream (addmm_ with beta = 1, no bias), and each LayerNorm kernel adds the running sum of the
+biases left out so far, in float32, to the row it reads. That saves the two residual adds' passes
+over [tokens, hidden] and the norms' write-back of a biased stream; the sums round in another
+order than `x + f(x)` does. `FUSED_RESIDUAL` (environment: VLM_ENGINE_VISION_FUSED_RESIDUAL=0
+turns it off, for A/B measurements) is read at each call.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_engine.config import VisionConfig
-from vlm_engine.kernels.norm import layer_norm_add_bias_
+from vlm_engine.kernels.norm import layer_norm
 from vlm_engine.kernels.triton_attention import runs_on_triton
 from vlm_engine.kernels.vision_attention import vision_attention
 from vlm_engine.models.fusion import fuse_linears
@@ -41,9 +42,21 @@ class SiglipVisionEmbeddings(nn.Module):
         conv = self.patch_embedding
         batch, channels, height, width = pixel_values.shape
         p = conv.kernel_size[0]
-        patches = pixel_values.reshape(batch, channels, height // p, p, width // p, p)
-        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * p * p)
-        embeds = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+        size = channels * p * p
+        grid = pixel_values.reshape(batch, channels, height // p, p, width // p, p)
+        grid = grid.permute(0, 2, 4, 1, 3, 5)  # [N, rows, cols, channels, p, p]
+        weight = conv.weight.reshape(conv.out_channels, size)
+        if pixel_values.is_cuda and size % 8:
+            # cuBLAS's fast kernels want rows of 16-byte multiples: 3 x 14 x 14 = 588 columns
+            # ran ~4x slower than 592 (H100, 32 images), so pad with zero columns
+            padded = size + (-size) % 8
+            patches = pixel_values.new_empty(*grid.shape[:3], padded)
+            patches[..., size:] = 0
+            patches[..., :size].view(grid.shape).copy_(grid)
+            weight = F.pad(weight, (0, padded - size))
+        else:
+            patches = grid.reshape(*grid.shape[:3], size)
+        embeds = F.linear(patches.flatten(1, 2), weight, conv.bias)
         return embeds + self.position_embedding.weight[None]
 
 
@@ -114,21 +127,20 @@ class SiglipEncoderLayer(nn.Module):
         self.mlp = SiglipMLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, P, hidden] -> [N, P, hidden]; on the fused path, x itself updated in place."""
-        if _fuses_residual(x):
-            return self._forward_fused_(x)
+        # x: [N, P, hidden] -> [N, P, hidden], the plain modules (the encoder takes the fused path)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
-    def _forward_fused_(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [N, P, hidden], contiguous: the residual stream. Each norm kernel adds the bias of
-        # the projection that closes its sublayer; the projection's GEMM adds the rest.
+    def forward_unbiased_(self, x: torch.Tensor, shift1: torch.Tensor, shift2: torch.Tensor):
+        """The fused GPU path, in place on x ([N, P, hidden], contiguous): the residual stream
+        less the biases of the closing projections so far. shift1 ([hidden], float32) is their
+        sum before this layer, shift2 that plus out_proj's bias; this layer's out_proj and fc2
+        leave their biases out too."""
         attn, mlp = self.self_attn, self.mlp
-        h = _norm_and_add_bias_(x, self.layer_norm1, attn.out_proj.bias)
+        h = _norm(x, self.layer_norm1, shift1)
         _add_linear_(x, attn.attend(h), attn.out_proj)
-        h = _norm_and_add_bias_(x, self.layer_norm2, mlp.fc2.bias)
+        h = _norm(x, self.layer_norm2, shift2)
         _add_linear_(x, mlp.activate(h), mlp.fc2)
-        return x
 
 
 def _fuses_residual(x: torch.Tensor) -> bool:
@@ -136,11 +148,15 @@ def _fuses_residual(x: torch.Tensor) -> bool:
     return FUSED_RESIDUAL and runs_on_triton(x) and not x.requires_grad
 
 
-def _norm_and_add_bias_(
-    x: torch.Tensor, norm: nn.LayerNorm, add_bias: torch.Tensor
-) -> torch.Tensor:
-    # -> norm(x), a new tensor; then x += add_bias in place
-    return layer_norm_add_bias_(x, norm.weight, norm.bias, norm.eps, add_bias)
+def _bias_sums(layers) -> torch.Tensor:
+    # [2 * len(layers) + 1, hidden] float32: 0, then the running sum of out_proj's and fc2's
+    # biases, layer by layer (row 2i: what layer i's first norm adds, 2i + 1: its second norm's)
+    biases = [b for layer in layers for b in (layer.self_attn.out_proj.bias, layer.mlp.fc2.bias)]
+    return F.pad(torch.stack(biases).float().cumsum(0), (0, 0, 1, 0))
+
+
+def _norm(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor) -> torch.Tensor:
+    return layer_norm(x, norm.weight, norm.bias, norm.eps, shift)
 
 
 def _add_linear_(x: torch.Tensor, h: torch.Tensor, linear: nn.Linear) -> None:
@@ -158,9 +174,19 @@ class SiglipEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, P, hidden], the tower's own residual stream: the fused GPU path updates it in
         place (the tower passes its fresh patch embeddings)."""
+        if _fuses_residual(x):
+            x, shift = self.forward_unbiased_(x)
+            return x.add_(shift)
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def forward_unbiased_(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the fused path: -> (x in place, less the biases it left out; their sum, float32)
+        sums = _bias_sums(self.layers)
+        for i, layer in enumerate(self.layers):
+            layer.forward_unbiased_(x, sums[2 * i], sums[2 * i + 1])
+        return x, sums[-1]
 
 
 class SiglipVisionTower(nn.Module):
@@ -172,7 +198,11 @@ class SiglipVisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [N, 3, H, W] -> last hidden state [N, num_patches, hidden]
-        return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
+        x = self.embeddings(pixel_values)
+        if _fuses_residual(x):
+            x, shift = self.encoder.forward_unbiased_(x)
+            return _norm(x, self.post_layernorm, shift)
+        return self.post_layernorm(self.encoder(x))
 
     def fuse_projections(self) -> None:
         for layer in self.encoder.layers:
