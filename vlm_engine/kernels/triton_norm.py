@@ -40,6 +40,15 @@ def _gemma_rms_scale(x, weight_plus_one, inv_dim, eps):
     return x * rstd[:, None] * weight_plus_one[None, :]
 
 
+@triton.jit
+def _row_block(num_rows, dim, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # this program's rows and columns of a [num_rows, dim] tensor, the column and element masks
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    return rows, cols, col_mask, (rows < num_rows)[:, None] & col_mask[None, :]
+
+
 # num_rows changes every step: not specializing on it saves recompiles (and CUDA-graph warmups).
 @triton.jit(do_not_specialize=["num_rows"])
 def rms_norm_kernel(
@@ -58,10 +67,7 @@ def rms_norm_kernel(
     USE_PDL: tl.constexpr,
 ):
     # Row r of the flattened [num_tokens * num_heads, dim] view is x[r // num_heads, r % num_heads].
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < dim
-    mask = (rows < num_rows)[:, None] & col_mask[None, :]
+    rows, cols, col_mask, mask = _row_block(num_rows, dim, BLOCK_ROWS, BLOCK_D)
     weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     pdl_wait(USE_PDL)  # the weight is older than the kernel before: read before waiting
     x_rows = (rows // num_heads) * stride_token + (rows % num_heads) * stride_head
@@ -90,10 +96,7 @@ def post_norm_residual_pre_norm_kernel(
     USE_PDL: tl.constexpr,
 ):
     dtype = new_residual_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < dim
-    mask = (rows < num_rows)[:, None] & col_mask[None, :]
+    rows, cols, col_mask, mask = _row_block(num_rows, dim, BLOCK_ROWS, BLOCK_D)
     post_weight = tl.load(post_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     pre_weight = tl.load(pre_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     # Only h is the previous kernel's output (residual was written two or more kernels back,
@@ -131,16 +134,13 @@ def layer_norm_kernel(
     USE_PDL: tl.constexpr,
 ):
     dtype = x_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < dim
-    mask = (rows < num_rows)[:, None] & col_mask[None, :]
+    rows, cols, col_mask, mask = _row_block(num_rows, dim, BLOCK_ROWS, BLOCK_D)
     weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     pdl_wait(USE_PDL)
     offsets = rows[:, None] * dim + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SHIFT:  # written by an earlier kernel: read after the wait
+    if HAS_SHIFT:  # written just before the tower's first norm: read after the wait
         x += tl.load(shift_ptr + cols, mask=col_mask, other=0.0)[None, :]
     mean = tl.sum(x, axis=1) * inv_dim
     centered = tl.where(mask, x - mean[:, None], 0.0)  # padding columns must not count
