@@ -50,7 +50,7 @@ from vlm_engine.kernels import gluon_vision_attention as gva
 
 dtype, head_dim, num_heads = getattr(torch, sys.argv[1]), int(sys.argv[2]), 4
 qkv = torch.zeros(2, 512, 3 * num_heads * head_dim, dtype=dtype)  # CPU: descriptors only
-names = ["q_desc", "q_tail_desc", "kv_desc", "kv_tail_desc"]
+names = ["q_desc", "q_tail_desc", "kv_desc", "k_tail_desc", "v_tail_desc"]
 descriptors = gva.descriptors(qkv, num_heads)
 signature = {name: mangle_type(d) for name, d in zip(names, descriptors, strict=True)}
 signature["out_ptr"] = "*bf16" if dtype == torch.bfloat16 else "*fp16"
@@ -84,6 +84,9 @@ def test_compiles_for_hopper(dtype, head_dim):
     assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 2" in ptx  # S before PV
     assert f"setmaxnreg.inc.sync.aligned.u32 \t{gva.CONSUMER_REGISTERS}" in ptx
     assert f"setmaxnreg.dec.sync.aligned.u32 \t{gva.PRODUCER_REGISTERS}" in ptx
+    # the value tail's product is exactly head_dim - 64 wide (8 for SigLIP's 72, not padded to 16)
+    ab = "bf16" if dtype == "bfloat16" else "f16"
+    assert f"wgmma.mma_async.sync.aligned.m64n{head_dim - 64}k16.f32.{ab}.{ab}" in ptx
     assert result["shared"] <= H100_SHARED_MEMORY
 
 
