@@ -41,10 +41,11 @@ cores (ping-pong), one 8-warp program issuing its own loads (no warp specializat
 registers, the next score tile issued before the softmax (two in flight, 64-row consumers), part of
 the exponentials as a cubic on the FMA pipe, the row sums from an 8-wide product against ones, q's
 and v's biases applied here (k's cancel in the softmax) so that the q/k/v GEMM runs without its
-bias epilogue, and keeping the softmax between the two MMA waits in the SASS (ptxas hoists the second wait and the stage release above the softmax; a branch between
-them stops that, and changed nothing). Without the softmax the kernel takes 4.2-4.4 ms: the softmax
-is not hidden behind the products, and the consumers issue an instruction only every ~2.3 cycles
-(ncu: 3 warps per scheduler, 0.6 eligible).
+bias epilogue, and keeping the softmax between the two MMA waits in the SASS (ptxas hoists the
+second wait and the stage release above the softmax; a branch between them stops that, and
+changed nothing). Without the softmax the kernel takes 4.2-4.4 ms: the softmax is not hidden
+behind the products, and the consumers issue an instruction only every ~2.3 cycles (ncu: 3 warps
+per scheduler, 0.6 eligible).
 """
 
 from __future__ import annotations
@@ -243,8 +244,8 @@ if gluon is not None:
                              out_ptr, q_row, head, out_row_stride, num_tiles, qk_scale,
                              HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
                 (_producer, (q_desc, q_tail_desc, kv_desc, k_tail_desc, v_tail_desc, q_m, q_t,
-                             k_m, k_t, v_m, v_t, q_ready, k_ready, v_ready, empty, q_row, kv_row, head,
-                             num_heads, num_tiles, BLOCK_M, BLOCK_N, STAGES)),
+                             k_m, k_t, v_m, v_t, q_ready, k_ready, v_ready, empty, q_row, kv_row,
+                             head, num_heads, num_tiles, BLOCK_M, BLOCK_N, STAGES)),
             ],
             [4, 1],
             [CONSUMER_REGISTERS, PRODUCER_REGISTERS],
