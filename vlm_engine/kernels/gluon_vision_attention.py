@@ -41,11 +41,13 @@ cores (ping-pong), one 8-warp program issuing its own loads (no warp specializat
 registers, the next score tile issued before the softmax (two in flight, 64-row consumers), part of
 the exponentials as a cubic on the FMA pipe, the row sums from an 8-wide product against ones, q's
 and v's biases applied here (k's cancel in the softmax) so that the q/k/v GEMM runs without its
-bias epilogue, and keeping the softmax between the two MMA waits in the SASS (ptxas hoists the
-second wait and the stage release above the softmax; a branch between them stops that, and
-changed nothing). Without the softmax the kernel takes 4.2-4.4 ms: the softmax is not hidden
-behind the products, and the consumers issue an instruction only every ~2.3 cycles (ncu: 3 warps
-per scheduler, 0.6 eligible).
+bias epilogue, O's rescale skipped while no row's maximum grows by more than 2^8 (a warpgroup-wide
+max per tile), P packed to bf16 by integer adds and byte permutes instead of conversions, and
+keeping the softmax between the two MMA waits in the SASS (ptxas hoists the second wait and the
+stage release above the softmax; a branch between them stops that, and changed nothing).
+Without the softmax the kernel takes 4.2-4.4 ms: the softmax is not hidden behind the products,
+and the consumers issue an instruction only every ~2.3 cycles (ncu: 3 warps per scheduler, 0.6
+eligible).
 """
 
 from __future__ import annotations
