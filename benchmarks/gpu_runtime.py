@@ -5,10 +5,10 @@ transformers measured in the same run:
      (transformers `generate` at batch 64);
   b. single stream: time to first token and decode ms/token at batch 1, beside the bandwidth
      floor (bytes of weights read per decode step / measured device copy bandwidth);
-  c. the vision tower alone: images/s.
+  c. the vision tower alone: images/s (one row per batch size of --vision-batch, e.g. 8,16,32).
 
     python benchmarks/gpu_runtime.py [--only a,b,c,d] [--num-images 256] [--output-len 128]
-                                     [--core-process both|own|in]
+                                     [--core-process both|own|in] [--vision-batch 32]
 
 (a) and (b) run with the engine core in its own process (the default on a GPU) and in-process;
 (c) and (d) read the in-process engine's internals.
@@ -173,13 +173,19 @@ def bench_single_stream(engine, hf, args, own=None) -> list[str]:
 
 
 def bench_vision(engine, hf, args, own=None) -> list[str]:
-    """The tower (and projector) alone, the engine's and transformers' passes interleaved.
+    """The tower (and projector) alone, the engine's and transformers' passes interleaved, at
+    each batch size of `--vision-batch`.
 
     Both towers run at the GPU's power cap, where a pass's speed depends on what ran just
     before it; alternating the two and taking each one's median keeps either from being timed
     in a cooler or hotter state than the other."""
+    batches = [int(b) for b in str(args.vision_batch).split(",")]
+    return [row for batch in batches for row in _bench_vision_batch(engine, hf, args, batch)]
+
+
+def _bench_vision_batch(engine, hf, args, batch: int) -> list[str]:
     processor = engine.input_processor.image_processor
-    pixels = torch.cat([processor.preprocess(im).pixel_values for im in images(args.vision_batch)])
+    pixels = torch.cat([processor.preprocess(im).pixel_values for im in images(batch)])
     pixels = pixels.to("cuda", torch.bfloat16)
     model = engine.core.runner.model
     ours, theirs = [], []
@@ -260,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=64)
-    parser.add_argument("--vision-batch", type=int, default=32)
+    parser.add_argument("--vision-batch", default="32", help="one size or a list: 8,16,32")
     parser.add_argument("--vision-rounds", type=int, default=9)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
