@@ -37,17 +37,21 @@ Work decomposition
 Measured on an H100 at [32, 16, 4096, 72] (benchmarks/vision_attention.py, docs/benchmarks.md):
 6.0-6.2 ms against 6.7-7.0 ms for SDPA and its output copy. Tried and slower or no better: 64-row
 consumers with 128-key tiles, 2 or 4 stages, the two consumers taking strict turns on the tensor
-cores (ping-pong), one 8-warp program issuing its own loads (no warp specialization), q held in
-registers, the next score tile issued before the softmax (two in flight, 64-row consumers), part of
-the exponentials as a cubic on the FMA pipe, the row sums from an 8-wide product against ones, q's
-and v's biases applied here (k's cancel in the softmax) so that the q/k/v GEMM runs without its
+cores (ping-pong; the turn handed over when the products are issued, or when they are done), the
+products issued one K step at a time so that the 64-row halves' MMAs alternate (0.3-0.9% in the
+tower, within its noise), one 8-warp program issuing its own loads (no warp specialization), q held
+in registers, the next score tile issued before the softmax (two in flight, 64-row consumers), part
+of the exponentials as a cubic on the FMA pipe, the row sums from an 8-wide product against ones,
+q's and v's biases applied here (k's cancel in the softmax) so that the q/k/v GEMM runs without its
 bias epilogue, O's rescale skipped while no row's maximum grows by more than 2^8 (a warpgroup-wide
 max per tile), P packed to bf16 by integer adds and byte permutes instead of conversions, and
 keeping the softmax between the two MMA waits in the SASS (ptxas hoists the second wait and the
 stage release above the softmax; a branch between them stops that, and changed nothing).
-Without the softmax the kernel takes 4.2-4.4 ms: the softmax is not hidden behind the products,
-and the consumers issue an instruction only every ~2.3 cycles (ncu: 3 warps per scheduler, 0.6
-eligible).
+Without the softmax the kernel takes 4.1-4.3 ms, without the products 2.4-2.5 ms. Each consumer's
+phases are bound by their own latency: one consumer's products alone take 2.9 ms, its softmax
+alone 2.4, and the two side by side (one consumer each) 3.1. Both consumers multiplying and then
+both exponentiating, as the kernel runs, and strict turns (2 x 3.1) come to the same ~6 ms. More
+warpgroups in flight would help; 128-row consumers at 240 registers leave no room for them.
 """
 
 from __future__ import annotations
