@@ -179,8 +179,9 @@ def bench_vision(engine, hf, args, own=None) -> list[str]:
     Both towers run at the GPU's power cap, where a pass's speed depends on what ran just
     before it; alternating the two and taking each one's median keeps either from being timed
     in a cooler or hotter state than the other."""
-    batches = [int(b) for b in str(args.vision_batch).split(",")]
-    return [row for batch in batches for row in _bench_vision_batch(engine, hf, args, batch)]
+    return [
+        row for batch in args.vision_batch for row in _bench_vision_batch(engine, hf, args, batch)
+    ]
 
 
 def _bench_vision_batch(engine, hf, args, batch: int) -> list[str]:
@@ -259,6 +260,10 @@ def default_args() -> argparse.Namespace:
     return _parser().parse_args([])
 
 
+def _sizes(text: str) -> list[int]:
+    return [int(size) for size in text.split(",")]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="a,b,c,d")
@@ -266,7 +271,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=64)
-    parser.add_argument("--vision-batch", default="32", help="one size or a list: 8,16,32")
+    parser.add_argument(
+        "--vision-batch", type=_sizes, default="32", help="one size or a list: 8,16,32"
+    )
     parser.add_argument("--vision-rounds", type=int, default=9)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
