@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from vlm_engine.config import VisionConfig  # noqa: E402
-from vlm_engine.kernels import norm, triton_norm  # noqa: E402
+from vlm_engine.kernels import norm, triton_norm, triton_norm_linear  # noqa: E402
 from vlm_engine.vision import siglip  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -85,6 +85,43 @@ def test_fused_residual_matches_the_plain_layers(norm_calls, monkeypatch, fuse_p
     assert norm_calls == [(2, num_patches, CONFIG.hidden_size)] * expected_calls
     torch.testing.assert_close(fused, plain, **TOLERANCE)
     assert torch.equal(pixels, before)
+
+
+@pytest.mark.parametrize("fuse_projections", [False, True], ids=["q-k-v", "qkv"])
+def test_norms_folded_into_fc1_match_the_plain_layers(
+    norm_calls, interpret, monkeypatch, fuse_projections
+):
+    # Each layer's second norm folded into fc1 (kernels/norm_linear.py), forced on here: on the
+    # GPU it runs for bf16/fp16 on Hopper only; without CUDA its kernels are interpreted.
+    if not CUDA:
+        interpret(triton_norm_linear)
+    monkeypatch.setattr(siglip, "folds_norms", lambda device, dtype: True)
+    tower = make_tower(seed=7)
+    if fuse_projections:
+        tower.fuse_projections()  # folds too, where folds_norms says so
+    else:
+        tower.encoder.fold_norms()
+    assert all(layer.folded_fc1 is not None for layer in tower.encoder.layers)
+    gen = torch.Generator().manual_seed(8)
+    pixels = torch.randn(2, 3, CONFIG.image_size, CONFIG.image_size, generator=gen).to(DEVICE)
+    plain = run_tower(tower, pixels, monkeypatch, fused=False)
+    stats_calls = []
+    stats = triton_norm.layer_norm_stats
+    monkeypatch.setattr(
+        triton_norm, "layer_norm_stats", lambda x, *a: stats_calls.append(x.shape) or stats(x, *a)
+    )
+    folded = run_tower(tower, pixels, monkeypatch, fused=True)
+    num_patches = (CONFIG.image_size // CONFIG.patch_size) ** 2
+    # the first norm of each layer and the final one stay; the second norms only read statistics
+    assert len(norm_calls) == CONFIG.num_hidden_layers + 1
+    assert stats_calls == [(2 * num_patches, CONFIG.hidden_size)] * CONFIG.num_hidden_layers
+    torch.testing.assert_close(folded, plain, **TOLERANCE)
+    monkeypatch.setattr(siglip, "FOLD_NORMS", False)  # the switch for A/B runs
+    norm_calls.clear()
+    torch.testing.assert_close(
+        run_tower(tower, pixels, monkeypatch, fused=True), plain, **TOLERANCE
+    )
+    assert len(norm_calls) == 2 * CONFIG.num_hidden_layers + 1
 
 
 def test_fused_encoder_adds_the_biases_it_left_out(norm_calls, monkeypatch):

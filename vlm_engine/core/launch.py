@@ -38,6 +38,7 @@ def build_core(checkpoint_dir: Path, config: EngineConfig) -> EngineCore:
     model = load_model(
         model_config, checkpoint_dir, dtype=dtype, device=device, load_format=config.load_format
     )
+    model.fuse_projections()  # before the memory profile: the vision tower's folded copies count
     wanted_len = config.max_model_len or min(
         model_config.text.max_position_embeddings, DEFAULT_MAX_MODEL_LEN
     )

@@ -7,6 +7,13 @@ biases left out so far, in float32, to the row it reads. That saves the two resi
 over [tokens, hidden] and the norms' write-back of a biased stream; the sums round in another
 order than `x + f(x)` does. `FUSED_RESIDUAL` (environment: VLM_ENGINE_VISION_FUSED_RESIDUAL=0
 turns it off, for A/B measurements) is read at each call.
+
+On a Hopper GPU in bf16/fp16 the second norm of each layer is also folded into fc1
+(kernels/norm_linear.py): a pass that only reads the stream for each row's statistics, then one
+GEMM that applies the norm in its epilogue with the bias and GELU, instead of the norm writing a
+normalized copy for cuBLAS to read. `fuse_projections` builds the folded weights (gamma-scaled
+fc1 weights: 268 MB for so400m in bf16, kept beside the originals, which the other paths use);
+`FOLD_NORMS` (VLM_ENGINE_VISION_FOLD_NORMS=0 turns it off) is read at each call.
 """
 
 from __future__ import annotations
@@ -19,11 +26,18 @@ from torch import nn
 
 from vlm_engine.config import VisionConfig
 from vlm_engine.kernels.norm import layer_norm
+from vlm_engine.kernels.norm_linear import (
+    FoldedNormLinear,
+    fold_norm_linear,
+    folds_norms,
+    norm_linear,
+)
 from vlm_engine.kernels.triton_attention import runs_on_triton
 from vlm_engine.kernels.vision_attention import vision_attention
 from vlm_engine.models.fusion import fuse_linears
 
 FUSED_RESIDUAL = os.environ.get("VLM_ENGINE_VISION_FUSED_RESIDUAL", "1") != "0"
+FOLD_NORMS = os.environ.get("VLM_ENGINE_VISION_FOLD_NORMS", "1") != "0"
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -125,22 +139,30 @@ class SiglipEncoderLayer(nn.Module):
         self.self_attn = SiglipAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
+        # layer_norm2 folded into fc1, for the fused path: set by SiglipEncoder.fold_norms()
+        self.folded_fc1: FoldedNormLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, P, hidden] -> [N, P, hidden], the plain modules (the encoder takes the fused path)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
-    def forward_unbiased_(self, x: torch.Tensor, shift1: torch.Tensor, shift2: torch.Tensor):
+    def forward_unbiased_(
+        self, x: torch.Tensor, shift1: torch.Tensor, shift2: torch.Tensor, fold: bool = False
+    ):
         """The fused GPU path, in place on x ([N, P, hidden], contiguous): the residual stream
         less the biases of the closing projections so far. shift1 ([hidden], float32) is their
         sum before this layer, shift2 that plus out_proj's bias; this layer's out_proj and fc2
-        leave their biases out too."""
+        leave their biases out too. `fold`: the second norm runs folded into fc1 (folded_fc1,
+        built for shift2)."""
         attn, mlp = self.self_attn, self.mlp
         h = _norm(x, self.layer_norm1, shift1)
         _add_linear_(x, attn.attend(h), attn.out_proj)
-        h = _norm(x, self.layer_norm2, shift2)
-        _add_linear_(x, mlp.activate(h), mlp.fc2)
+        if fold:
+            act = norm_linear(x, self.folded_fc1, gelu=True)
+        else:
+            act = mlp.activate(_norm(x, self.layer_norm2, shift2))
+        _add_linear_(x, act, mlp.fc2)
 
 
 def _fuses_residual(x: torch.Tensor) -> bool:
@@ -184,9 +206,27 @@ class SiglipEncoder(nn.Module):
     def forward_unbiased_(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the fused path: -> (x in place, less the biases it left out; their sum, float32)
         sums = _bias_sums(self.layers)
+        fold = self._folds(x)
         for i, layer in enumerate(self.layers):
-            layer.forward_unbiased_(x, sums[2 * i], sums[2 * i + 1])
+            layer.forward_unbiased_(x, sums[2 * i], sums[2 * i + 1], fold)
         return x, sums[-1]
+
+    def fold_norms(self) -> None:
+        """Fold each layer's second norm into its fc1 (with the biases' running sum that the
+        fused path's norm adds): a copy of the weights, built again by each call."""
+        sums = _bias_sums(self.layers)
+        for i, layer in enumerate(self.layers):
+            layer.folded_fc1 = fold_norm_linear(layer.layer_norm2, layer.mlp.fc1, sums[2 * i + 1])
+
+    def _folds(self, x: torch.Tensor) -> bool:
+        folded = self.layers[0].folded_fc1 if len(self.layers) else None
+        return (
+            FOLD_NORMS
+            and folded is not None
+            and folded.weight.device == x.device
+            and folded.weight.dtype == x.dtype
+            and folds_norms(x.device, x.dtype)
+        )
 
 
 class SiglipVisionTower(nn.Module):
@@ -205,5 +245,10 @@ class SiglipVisionTower(nn.Module):
         return self.post_layernorm(self.encoder(x))
 
     def fuse_projections(self) -> None:
+        """Merge each layer's q/k/v; where the fused path folds norms (kernels/norm_linear.py),
+        fold the second norms into fc1. Done after loading: fold again after changing weights."""
         for layer in self.encoder.layers:
             layer.self_attn.fuse_projections()
+        weight = self.post_layernorm.weight
+        if folds_norms(weight.device, weight.dtype):
+            self.encoder.fold_norms()
