@@ -4,7 +4,7 @@ computation.
 
 Without a GPU both kernels run on Triton's interpreter (the `interpret` fixture of conftest.py)
 in float32 and float16 at small sizes, with tiles small enough that every dimension has several,
-and partial ones; with one (VLM_TEST_DEVICE=cuda) they run natively, and the bf16/fp16 test takes
+and partial ones; with one they run natively, and the bf16/fp16 test takes
 the SigLIP tower's fc1 shape.
 """
 

@@ -48,8 +48,6 @@ except ImportError:  # a triton without host-side TMA descriptors
     TensorDescriptor = None
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SQRT_2_OVER_PI = 0.7978845608028654
-TWO_LOG2E = 2.8853900817779268
 
 
 @dataclass(frozen=True)
@@ -70,13 +68,13 @@ SMALL_CONFIG = NormLinearConfig(block_m=32, block_n=32, block_k=32, num_stages=2
 @triton.jit
 def _gelu_tanh(x, FAST_TANH: tl.constexpr):
     # 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3): the tanh approximation of GELU
-    u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
     if FAST_TANH:
         tanh = tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32, is_pure=True, pack=1
         )
         return 0.5 * x * (1.0 + tanh)
-    return x / (1.0 + tl.exp2(-TWO_LOG2E * u))  # 0.5 (1 + tanh u) = sigmoid(2u)
+    return x / (1.0 + tl.exp2(-2.8853900817779268 * u))  # 0.5 (1 + tanh u) = sigmoid(2u)
 
 
 @triton.jit
