@@ -101,7 +101,10 @@ def test_norms_folded_into_fc1_match_the_plain_layers(
         tower.fuse_projections()  # folds too, where folds_norms says so
     else:
         tower.encoder.fold_norms()
-    assert all(layer.folded_fc1 is not None for layer in tower.encoder.layers)
+    folds = [layer.folded_fc1 for layer in tower.encoder.layers]
+    assert all(fold is not None for fold in folds)
+    tower.fuse_projections()  # a second call keeps the folds it finds (no second copy)
+    assert all(layer.folded_fc1 is f for layer, f in zip(tower.encoder.layers, folds, strict=True))
     gen = torch.Generator().manual_seed(8)
     pixels = torch.randn(2, 3, CONFIG.image_size, CONFIG.image_size, generator=gen).to(DEVICE)
     plain = run_tower(tower, pixels, monkeypatch, fused=False)

@@ -246,9 +246,11 @@ class SiglipVisionTower(nn.Module):
 
     def fuse_projections(self) -> None:
         """Merge each layer's q/k/v; where the fused path folds norms (kernels/norm_linear.py),
-        fold the second norms into fc1. Done after loading: fold again after changing weights."""
+        fold the second norms into fc1. Done once after loading (a second call changes nothing);
+        after changing weights, call encoder.fold_norms() again."""
         for layer in self.encoder.layers:
             layer.self_attn.fuse_projections()
         weight = self.post_layernorm.weight
-        if folds_norms(weight.device, weight.dtype):
+        unfolded = any(layer.folded_fc1 is None for layer in self.encoder.layers)
+        if unfolded and folds_norms(weight.device, weight.dtype):
             self.encoder.fold_norms()
