@@ -205,15 +205,24 @@ def _upload(page, path: Path) -> None:
 
 
 def _record_answer_states(page) -> None:
-    """Keep every distinct value the answer box takes, sampled every 2 ms, in the page."""
+    """Keep every distinct value the answer box takes, in the page: each value the page's code
+    assigns to it (through the element's `value` setter), and a sample every 2 ms besides. The
+    setter sees every streamed update even when several arrive before the page next runs a
+    timer, as they can on a loaded machine."""
     page.evaluate(
         """() => {
             const box = document.querySelector('#answer textarea');
-            window.answerStates = [box.value];
-            setInterval(() => {
-                const states = window.answerStates;
-                if (states[states.length - 1] !== box.value) states.push(box.value);
-            }, 2);
+            const states = window.answerStates = [box.value];
+            const note = (value) => {
+                if (states[states.length - 1] !== value) states.push(value);
+            };
+            const value = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value');
+            Object.defineProperty(box, 'value', {
+                configurable: true,
+                get() { return value.get.call(this); },
+                set(v) { value.set.call(this, v); note(value.get.call(this)); },
+            });
+            setInterval(() => note(box.value), 2);
         }"""
     )
 
