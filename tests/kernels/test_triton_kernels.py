@@ -12,6 +12,8 @@ import torch
 pytest.importorskip("triton")
 
 
+from kernel_dtypes import LOW_PRECISION  # noqa: E402
+
 from vlm_engine.kernels import (  # noqa: E402
     triton_activation,
     triton_kv_store,
@@ -28,15 +30,6 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 EPS = 1e-6
 FP32_TOLERANCE = {"rtol": 2e-6, "atol": 2e-6}  # the sum of squares adds in another order
-LOW_PRECISION = [
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not CUDA, reason="the Triton interpreter truncates float32 -> bfloat16 casts"
-        ),
-    ),
-]
 # (hidden sizes of Gemma3 1B/4B/27B, head_dim) on a GPU; small enough for the interpreter on CPU.
 LOW_PRECISION_SIZES = {"num_tokens": 300, "hidden": (1152, 2560, 5376), "head_dim": (128, 256)}
 if not CUDA:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from kernel_dtypes import LOW_PRECISION  # noqa: E402
+
 from vlm_engine.kernels import triton_norm  # noqa: E402
 from vlm_engine.kernels.norm import layer_norm_ref  # noqa: E402
 
@@ -20,15 +22,6 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 EPS = 1e-6
 FP32_TOLERANCE = {"rtol": 2e-6, "atol": 2e-6}  # the float32 statistics sum in another order
-LOW_PRECISION = [
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not CUDA, reason="the Triton interpreter truncates float32 -> bfloat16 casts"
-        ),
-    ),
-]
 LOW_PRECISION_ROWS = 2 * 4096 if CUDA else 9  # two images of the tower on a GPU
 
 

@@ -17,6 +17,8 @@ from torch import nn
 
 pytest.importorskip("triton")
 
+from kernel_dtypes import LOW_PRECISION  # noqa: E402
+
 from vlm_engine.kernels import norm_linear, triton_norm, triton_norm_linear  # noqa: E402
 from vlm_engine.kernels.norm_linear import (  # noqa: E402
     fold_norm_linear,
@@ -105,17 +107,6 @@ def test_folded_linear_without_bias_and_leading_dimensions():
     out = norm_linear.norm_linear(x, folded, gelu=False)
     assert out.shape == (2, 9, 64)
     torch.testing.assert_close(out, norm_linear_ref(x, norm, linear, None, False), **_FP32)
-
-
-LOW_PRECISION = [
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not CUDA, reason="the Triton interpreter truncates float32 -> bfloat16 casts"
-        ),
-    ),
-]
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)

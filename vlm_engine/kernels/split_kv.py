@@ -7,11 +7,9 @@ last split program of a (sequence, KV head) to finish merges them (kernels/arriv
 split rescaled to the common max, normalized once.
 """
 
-import functools
-
 import torch
 
-from vlm_engine.kernels.triton_import import jit, tl, triton
+from vlm_engine.kernels.triton_import import jit, num_sms, tl, triton
 
 MAX_SPLITS = 16
 
@@ -41,15 +39,10 @@ def merge_splits(
     return tl.sum(acc * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """KV splits for a decode step: enough programs for about two per SM, a power of two."""
     if device.type != "cuda":
         return 1
     programs = num_seqs * num_kv_heads
-    wanted = -(-2 * _num_sms(device.index or 0) // programs)
+    wanted = -(-2 * num_sms(device.index or 0) // programs)
     return min(MAX_SPLITS, triton.next_power_of_2(wanted)) if wanted > 1 else 1

@@ -1,7 +1,7 @@
 """triton, imported when it is installed: kernel modules that must import without it (CPU-only
 installs) take `triton`, `tl` and `jit` from here. Without triton, `triton` is None, `jit` leaves
 functions as they are, and `tl.constexpr` exists so that kernel signatures still evaluate.
-`cuda_capability` is the one cached device-capability lookup the kernels' dispatch uses."""
+`cuda_capability` and `num_sms` are the cached device lookups the kernels' dispatch uses."""
 
 import functools
 from types import SimpleNamespace
@@ -28,3 +28,9 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device, cached (persistent grids and split counts)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -303,28 +303,9 @@ def layer_norm(
     _check_weight(weight, x, "weight")
     _check_weight(bias, x, "bias")
     out = torch.empty_like(x)
-    dim = x.shape[-1]
     if x.numel() == 0:
         return out
-    num_rows = x.numel() // dim
-    block_rows, block_d, num_warps = _row_tiling(dim)
-    grid = (triton.cdiv(num_rows, block_rows),)
-    layer_norm_kernel[grid](
-        x,
-        weight,
-        bias,
-        bias if shift is None else shift,  # not read without HAS_SHIFT
-        out,
-        num_rows,
-        dim,
-        1.0 / dim,
-        eps,
-        HAS_SHIFT=shift is not None,
-        BLOCK_ROWS=block_rows,
-        BLOCK_D=block_d,
-        **pdl_options(x.device),
-        num_warps=num_warps,
-    )
+    _launch_layer_norm_rows(layer_norm_kernel, x, (weight, bias, shift, out), eps, shift)
     return out
 
 
@@ -343,11 +324,23 @@ def layer_norm_stats(
         return stats
     # Read-only rows want fewer warps than the norm: 2 rows of 1152 on 2 warps took 0.118 ms
     # for 131072 rows on an H100, 4 warps 0.131, 8 warps 0.153.
-    block_rows, block_d, num_warps = _row_tiling(dim, elements_per_warp=2048)
-    layer_norm_stats_kernel[(triton.cdiv(num_rows, block_rows),)](
+    _launch_layer_norm_rows(
+        layer_norm_stats_kernel, x, (shift, stats), eps, shift, elements_per_warp=2048
+    )
+    return stats
+
+
+def _launch_layer_norm_rows(
+    kernel, x: torch.Tensor, tensors: tuple, eps: float, shift, elements_per_warp: int = 512
+) -> None:
+    # kernel(x, *tensors, num_rows, dim, inv_dim, eps, HAS_SHIFT, BLOCK_ROWS, BLOCK_D, USE_PDL)
+    # over the rows of x; a None in `tensors` (no shift: never read) is passed as x.
+    dim = x.shape[-1]
+    num_rows = x.numel() // dim
+    block_rows, block_d, num_warps = _row_tiling(dim, elements_per_warp)
+    kernel[(triton.cdiv(num_rows, block_rows),)](
         x,
-        x if shift is None else shift,  # not read without HAS_SHIFT
-        stats,
+        *(x if t is None else t for t in tensors),
         num_rows,
         dim,
         1.0 / dim,
@@ -358,7 +351,6 @@ def layer_norm_stats(
         **pdl_options(x.device),
         num_warps=num_warps,
     )
-    return stats
 
 
 def _check_layer_norm_input(x: torch.Tensor, shift: torch.Tensor | None) -> None:

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlm_engine.kernels.triton_import import num_sms
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # a triton without host-side TMA descriptors
@@ -167,7 +169,9 @@ def norm_linear(
     small = interpreted or x.dtype == torch.float32
     cfg = config or (SMALL_CONFIG if small else NormLinearConfig())
     num_tiles = triton.cdiv(num_rows, cfg.block_m) * triton.cdiv(out_dim, cfg.block_n)
-    num_programs = min(num_tiles, _num_sms(x.device))
+    # the interpreter: a few persistent programs, each taking several tiles
+    sms = 4 if interpreted else num_sms(x.device.index or 0)
+    num_programs = min(num_tiles, sms)
     norm_linear_kernel[(num_programs,)](
         TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
         TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k]),
@@ -191,9 +195,3 @@ def norm_linear(
         num_warps=cfg.num_warps,
     )
     return out
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few persistent programs, each taking several tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
