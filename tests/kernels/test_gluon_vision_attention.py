@@ -54,11 +54,13 @@ names = ["q_desc", "q_tail_desc", "kv_desc", "k_tail_desc", "v_tail_desc"]
 descriptors = gva.descriptors(qkv, num_heads)
 signature = {name: mangle_type(d) for name, d in zip(names, descriptors, strict=True)}
 signature["out_ptr"] = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+signature["flag_ptr"] = "*i32"
 signature |= {"num_patches": "i32", "num_heads": "i32", "out_row_stride": "i32"}
 signature["qk_scale"] = "fp32"
 constants = {
     "HEAD_DIM": head_dim, "BLOCK_M": gva.BLOCK_M, "BLOCK_N": gva.BLOCK_N, "STAGES": gva.STAGES,
     "PRODUCER_REGISTERS": gva.PRODUCER_REGISTERS, "CONSUMER_REGISTERS": gva.CONSUMER_REGISTERS,
+    "FIXED_MAX": dtype == torch.bfloat16,  # what the wrapper passes
 }
 signature |= dict.fromkeys(constants, "constexpr")
 source = GluonASTSource(gva.vision_attention_kernel, signature, constants)
@@ -81,7 +83,10 @@ def test_compiles_for_hopper(dtype, head_dim):
     ptx = result["ptx"]
     assert result["cubin_bytes"] > 0
     assert "cp.async.bulk.tensor.3d" in ptx  # TMA loads over the [tokens, 3H, D] view
-    assert "wgmma.mma_async" in ptx and "wgmma.wait_group.sync.aligned 2" in ptx  # S before PV
+    # S_j waited for alone, the products of P_{j-1} still running: with the fixed maximum (bf16)
+    # there are three of these (values, value tail, row sums), otherwise two
+    waits = 3 if dtype == "bfloat16" else 2
+    assert "wgmma.mma_async" in ptx and f"wgmma.wait_group.sync.aligned {waits}" in ptx
     assert f"setmaxnreg.inc.sync.aligned.u32 \t{gva.CONSUMER_REGISTERS}" in ptx
     assert f"setmaxnreg.dec.sync.aligned.u32 \t{gva.PRODUCER_REGISTERS}" in ptx
     # the value tail's product is exactly head_dim - 64 wide (8 for SigLIP's 72, not padded to 16)
@@ -113,16 +118,21 @@ def test_supported_shapes():
 
 @needs_hopper
 @needs_gluon
+@pytest.mark.parametrize("fixed_max", [True, False])  # float16 always takes the online maximum
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "num_images,num_patches,num_heads,head_dim",
-    [(2, 4096, 16, 72), (3, 256, 4, 80), (1, 1024, 3, 72), (5, 512, 2, 72)],
-)
-def test_matches_float32_attention(dtype, num_images, num_patches, num_heads, head_dim):
+    "num_images,num_patches,num_heads,head_dim,q_scale",
+    [(2, 4096, 16, 72, 2.0), (3, 256, 4, 80, 2.0), (1, 1024, 3, 72, 2.0), (5, 512, 2, 72, 2.0),
+     (2, 4096, 4, 72, 8.0)],
+)  # fmt: skip
+def test_matches_float32_attention(
+    monkeypatch, fixed_max, dtype, num_images, num_patches, num_heads, head_dim, q_scale
+):
+    monkeypatch.setattr(gva, "FIXED_MAX", fixed_max)
     gen = torch.Generator(device="cuda").manual_seed(num_patches + head_dim)
     width = 3 * num_heads * head_dim
     qkv = torch.randn(num_images, num_patches, width, device="cuda", dtype=dtype, generator=gen)
-    qkv[..., : num_heads * head_dim] *= 2.0  # sharper softmax than unit scores
+    qkv[..., : num_heads * head_dim] *= q_scale  # sharper softmax than unit scores
     expected = vision_attention_ref(qkv.float(), num_heads)
     sdpa_error = (vision_attention_ref(qkv, num_heads).float() - expected).abs().max().item()
 
@@ -131,6 +141,39 @@ def test_matches_float32_attention(dtype, num_images, num_patches, num_heads, he
     assert out.shape == expected.shape and out.dtype == dtype and out.is_contiguous()
     error = (out.float() - expected).abs().max().item()
     assert error <= 2 * sdpa_error + 1e-4, (error, sdpa_error)
+
+
+@needs_hopper
+@needs_gluon
+def test_rows_that_overflow_the_fixed_maximum_are_computed_again(monkeypatch):
+    # Image 1, head 2: the query rows of block 2 (patches 256..383) see keys 320..383 score ~370
+    # (log2 units) above the first key tile's maximum: exp2 overflows there, and only there.
+    # Those 128 rows are flagged and computed again by the Triton kernel; the output is right.
+    num_heads, head_dim = 4, 72
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    qkv = torch.randn(2, 512, 3 * num_heads * head_dim, device="cuda", generator=gen) * 0.1
+    q = qkv[1, 256:384, 2 * head_dim : 3 * head_dim]
+    q.fill_(1.0)
+    key = (num_heads + 2) * head_dim
+    qkv[1, 320:384, key : key + head_dim] = 30.0
+    qkv = qkv.to(torch.bfloat16)
+    seen = []
+    redo = gva.triton_vision_attention.redo_flagged
+
+    def spy(out, qkv, num_heads, flags, block_m):
+        seen.append(flags.clone())
+        redo(out, qkv, num_heads, flags, block_m)
+
+    monkeypatch.setattr(gva.triton_vision_attention, "redo_flagged", spy)
+    monkeypatch.setattr(gva, "FIXED_MAX", True)
+    out = gva.vision_attention(qkv, num_heads)
+
+    flagged = seen[0].nonzero().flatten().tolist()
+    assert flagged == [(1 * num_heads + 2) * 4 + 2] and seen[0][flagged[0]].item() == 128
+    expected = vision_attention_ref(qkv.float(), num_heads)
+    sdpa_error = (vision_attention_ref(qkv, num_heads).float() - expected).abs().max().item()
+    assert out.isfinite().all()
+    assert (out.float() - expected).abs().max().item() <= 2 * sdpa_error + 1e-4
 
 
 @needs_hopper

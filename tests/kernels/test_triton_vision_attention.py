@@ -161,6 +161,37 @@ def test_kernel_empty_batch(kernel):
     assert out.shape == (0, 16, 144)
 
 
+@needs_triton
+@pytest.mark.parametrize("num_patches", [64, 72])
+def test_redo_flagged_computes_exactly_the_flagged_blocks(kernel, num_patches):
+    # flags in (image, head, block) order; only the flagged blocks' rows and head columns are
+    # written, with the same result as the reference (72 patches: a last block of 8 rows)
+    num_images, num_heads, head_dim, block = 2, 2, 72, 16
+    qkv = make_qkv(num_images, num_patches, num_heads, head_dim, seed=5)
+    expected = vision_attention_ref(qkv, num_heads)
+    out = torch.full_like(expected, float("nan"))
+    blocks = -(-num_patches // block)
+    flags = torch.zeros(num_images * num_heads * blocks, dtype=torch.int32, device=DEVICE)
+    chosen = [1, 2 * blocks + 3, len(flags) - 1]  # image 0 head 0; image 1 head 0; the last
+    flags[chosen] = torch.tensor([1, 7, -2], dtype=torch.int32, device=DEVICE)
+
+    triton_vision_attention.redo_flagged(out, qkv, num_heads, flags, block)
+
+    written = torch.zeros_like(out, dtype=torch.bool)
+    for index in chosen:
+        pair, b = divmod(index, blocks)
+        image, head = divmod(pair, num_heads)
+        written[image, b * block : (b + 1) * block, head * head_dim : (head + 1) * head_dim] = True
+    torch.testing.assert_close(out[written], expected[written], **FP32_TOLERANCE)
+    assert out[~written].isnan().all()
+    with pytest.raises(ValueError, match="flags must be int32"):
+        triton_vision_attention.redo_flagged(out, qkv, num_heads, flags[1:], block)
+    with pytest.raises(ValueError, match="flags must be int32"):
+        triton_vision_attention.redo_flagged(out, qkv, num_heads, flags.long(), block)
+    with pytest.raises(ValueError, match="out must be"):
+        triton_vision_attention.redo_flagged(out[:, :, 1:], qkv, num_heads, flags, block)
+
+
 # --- bf16 / fp16 at the tower's shape, and the dispatch ---
 
 

@@ -57,15 +57,18 @@ warpgroups in flight would help; 128-row consumers at 240 registers leave no roo
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
+from vlm_engine.kernels import triton_vision_attention
 from vlm_engine.kernels.triton_import import cuda_capability
 
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -82,6 +85,9 @@ BLOCK_N = 64  # keys per tile
 STAGES = 3
 PRODUCER_REGISTERS = 24
 CONSUMER_REGISTERS = 240
+# bf16: the first key tile's row maxima as every tile's reference, row sums on the tensor cores
+# (module docstring). Read at each call; VLM_ENGINE_VISION_FIXED_MAX=0 turns it off.
+FIXED_MAX = os.environ.get("VLM_ENGINE_VISION_FIXED_MAX", "1") != "0"
 
 if gluon is not None:
     TAIL = gl.constexpr(TAIL_WIDTH)
@@ -133,10 +139,10 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(
-        c: gl.constexpr, q_m, q_t, k_m, k_t, v_m, v_t, q_ready, k_ready, v_ready, empty,
-        out_ptr, q_row, head, out_row_stride, num_tiles, qk_scale,
+        c: gl.constexpr, q_m, q_t, k_m, k_t, v_m, v_t, ones, q_ready, k_ready, v_ready, empty,
+        out_ptr, flag_ptr, q_row, head, out_row_stride, num_tiles, qk_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr,
+        STAGES: gl.constexpr, FIXED_MAX: gl.constexpr,
     ):  # fmt: skip
         dtype: gl.constexpr = q_m.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout([3, 0], [4, 1], [16, BLOCK_N, 16])
@@ -145,6 +151,7 @@ if gluon is not None:
         ot_layout: gl.constexpr = gl.NVMMADistributedLayout([3, 0], [4, 1], [16, VT, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(0, o_layout, 2)
         pt_layout: gl.constexpr = gl.DotOperandLayout(0, ot_layout, 2)
+        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         ot_rows: gl.constexpr = gl.SliceLayout(1, ot_layout)
 
@@ -153,15 +160,20 @@ if gluon is not None:
         s_unused = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # use_acc=False ignores it
         o = gl.zeros([BLOCK_M, 64], gl.float32, o_layout)
         o_tail = gl.zeros([BLOCK_M, VT], gl.float32, ot_layout)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        l_sums = gl.zeros([BLOCK_M, VT], gl.float32, ot_layout)  # FIXED_MAX: P @ ones
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
+        l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
 
         mbarrier.wait(q_ready.index(c), 0)
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q, k_m.index(0).permute((1, 0)), s_unused, use_acc=False, is_async=True)
         s = warpgroup_mma(q_tail, k_t.index(0).permute((1, 0)), s, is_async=True)
         s = warpgroup_mma_wait(0, deps=[s])
-        p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale)
+        if FIXED_MAX:  # the first tile's row maxima stay the reference for every tile
+            m_i = gl.max(s, 1) * qk_scale
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+        else:
+            p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale)
         p = p.to(dtype)
         p_main = gl.convert_layout(p, p_layout)
         p_tail = gl.convert_layout(p, pt_layout)
@@ -176,28 +188,46 @@ if gluon is not None:
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             o = warpgroup_mma(p_main, v_m.index(prev), o, is_async=True)
             o_tail = warpgroup_mma(p_tail, v_t.index(prev), o_tail, is_async=True)
-            s = warpgroup_mma_wait(2, deps=[s])  # S_j done; P_{j-1} V_{j-1} may still run
-            p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale)
-            p = p.to(dtype)
-            o, o_tail, p_main, p_tail = warpgroup_mma_wait(0, deps=[o, o_tail, p_main, p_tail])
-            mbarrier.arrive(empty.index(prev))
-            o = o * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
-            o_tail = o_tail * gl.expand_dims(gl.convert_layout(alpha, ot_rows), 1)
+            if FIXED_MAX:
+                l_sums = warpgroup_mma(p_tail, ones, l_sums, is_async=True)
+                s = warpgroup_mma_wait(3, deps=[s])  # S_j done; the products of P_{j-1} may run
+                p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1)).to(dtype)
+                o, o_tail, l_sums, p_main, p_tail = warpgroup_mma_wait(
+                    0, deps=[o, o_tail, l_sums, p_main, p_tail]
+                )
+                mbarrier.arrive(empty.index(prev))
+            else:
+                s = warpgroup_mma_wait(2, deps=[s])  # S_j done; P_{j-1} V_{j-1} may still run
+                p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale)
+                p = p.to(dtype)
+                o, o_tail, p_main, p_tail = warpgroup_mma_wait(0, deps=[o, o_tail, p_main, p_tail])
+                mbarrier.arrive(empty.index(prev))
+                o = o * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+                o_tail = o_tail * gl.expand_dims(gl.convert_layout(alpha, ot_rows), 1)
             p_main = gl.convert_layout(p, p_layout)
             p_tail = gl.convert_layout(p, pt_layout)
         last = (num_tiles - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((num_tiles - 1) // STAGES) & 1)
         o = warpgroup_mma(p_main, v_m.index(last), o, is_async=True)
         o_tail = warpgroup_mma(p_tail, v_t.index(last), o_tail, is_async=True)
-        o, o_tail = warpgroup_mma_wait(0, deps=[o, o_tail])
+        if FIXED_MAX:
+            l_sums = warpgroup_mma(p_tail, ones, l_sums, is_async=True)
+            o, o_tail, l_sums = warpgroup_mma_wait(0, deps=[o, o_tail, l_sums])
+            l_i = gl.convert_layout(gl.max(l_sums, 1), s_rows)  # its columns are equal
+        else:
+            o, o_tail = warpgroup_mma_wait(0, deps=[o, o_tail])
 
         row0 = q_row + c * BLOCK_M
         o = o * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
+        o_tail = o_tail * gl.expand_dims(gl.convert_layout(1.0 / l_i, ot_rows), 1)
+        if FIXED_MAX:  # flag the block if a row overflowed (or the input was not finite)
+            check = l_i + gl.convert_layout(gl.sum(o, 1), s_rows)
+            check = check + gl.convert_layout(gl.sum(o_tail, 1), s_rows)
+            gl.store(flag_ptr + c, gl.sum((gl.abs(check) < float("inf")).to(gl.int32) ^ 1, 0))
         rows = row0 + gl.arange(0, BLOCK_M, layout=o_rows)
         cols = gl.arange(0, 64, layout=gl.SliceLayout(0, o_layout))
         row_ptrs = out_ptr + gl.expand_dims(rows.to(gl.int64) * out_row_stride, 1)
         gl.store(row_ptrs + head * HEAD_DIM + gl.expand_dims(cols, 0), o.to(dtype))
-        o_tail = o_tail * gl.expand_dims(gl.convert_layout(1.0 / l_i, ot_rows), 1)
         rows = row0 + gl.arange(0, BLOCK_M, layout=ot_rows)
         cols = gl.arange(0, VT, layout=gl.SliceLayout(0, ot_layout))
         row_ptrs = out_ptr + gl.expand_dims(rows.to(gl.int64) * out_row_stride, 1)
@@ -206,10 +236,10 @@ if gluon is not None:
     @gluon.jit
     def vision_attention_kernel(
         q_desc, q_tail_desc, kv_desc, k_tail_desc, v_tail_desc, out_ptr,
-        num_patches, num_heads, out_row_stride, qk_scale,
+        flag_ptr, num_patches, num_heads, out_row_stride, qk_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
-        CONSUMER_REGISTERS: gl.constexpr,
+        CONSUMER_REGISTERS: gl.constexpr, FIXED_MAX: gl.constexpr,
     ):  # fmt: skip
         dtype: gl.constexpr = q_desc.dtype
         image = gl.program_id(1) // num_heads
@@ -217,6 +247,8 @@ if gluon is not None:
         q_row = image * num_patches + gl.program_id(0) * (2 * BLOCK_M)
         kv_row = image * num_patches
         num_tiles = num_patches // BLOCK_N
+        # one flag per consumer, in (image, head, query block) order
+        flag_ptr += gl.program_id(1) * (num_patches // BLOCK_M) + 2 * gl.program_id(0)
 
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], dtype)
         qt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, TAIL], dtype)
@@ -241,14 +273,21 @@ if gluon is not None:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer
 
+        if FIXED_MAX:  # the right operand of the row sums' product, shared by both consumers
+            ones = gl.allocate_shared_memory(dtype, [BLOCK_N, VT], vt_layout)
+            fill: gl.constexpr = gl.BlockedLayout([1, VT], [32, 1], [4, 1], [1, 0])
+            ones.store(gl.full([BLOCK_N, VT], 1.0, dtype, fill))
+            fence_async_shared()
+        else:
+            ones = v_t  # not read
         gl.warp_specialize(
             [
-                (_consumer, (0, q_m, q_t, k_m, k_t, v_m, v_t, q_ready, k_ready, v_ready, empty,
-                             out_ptr, q_row, head, out_row_stride, num_tiles, qk_scale,
-                             HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
-                (_consumer, (1, q_m, q_t, k_m, k_t, v_m, v_t, q_ready, k_ready, v_ready, empty,
-                             out_ptr, q_row, head, out_row_stride, num_tiles, qk_scale,
-                             HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+                (_consumer, (0, q_m, q_t, k_m, k_t, v_m, v_t, ones, q_ready, k_ready, v_ready,
+                             empty, out_ptr, flag_ptr, q_row, head, out_row_stride, num_tiles,
+                             qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FIXED_MAX)),
+                (_consumer, (1, q_m, q_t, k_m, k_t, v_m, v_t, ones, q_ready, k_ready, v_ready,
+                             empty, out_ptr, flag_ptr, q_row, head, out_row_stride, num_tiles,
+                             qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FIXED_MAX)),
                 (_producer, (q_desc, q_tail_desc, kv_desc, k_tail_desc, v_tail_desc, q_m, q_t,
                              k_m, k_t, v_m, v_t, q_ready, k_ready, v_ready, empty, q_row, kv_row,
                              head, num_heads, num_tiles, BLOCK_M, BLOCK_N, STAGES)),
@@ -311,12 +350,19 @@ def vision_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     num_images, num_patches, width = qkv.shape
     head_dim = width // (3 * num_heads)
     out = qkv.new_empty(num_images, num_patches, num_heads * head_dim)
+    fixed_max = FIXED_MAX and qkv.dtype == torch.bfloat16
+    # every consumer writes its flag when fixed_max; nothing reads them otherwise
+    flags = torch.empty(
+        num_images * num_heads * (num_patches // BLOCK_M), dtype=torch.int32, device=qkv.device
+    )
     grid = (num_patches // (2 * BLOCK_M), num_images * num_heads)
     vision_attention_kernel[grid](
-        *descriptors(qkv, num_heads), out,
+        *descriptors(qkv, num_heads), out, flags,
         num_patches, num_heads, out.stride(1), head_dim**-0.5 * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
         PRODUCER_REGISTERS=PRODUCER_REGISTERS, CONSUMER_REGISTERS=CONSUMER_REGISTERS,
-        num_warps=4,
+        FIXED_MAX=fixed_max, num_warps=4,
     )  # fmt: skip
+    if fixed_max:
+        triton_vision_attention.redo_flagged(out, qkv, num_heads, flags, BLOCK_M)
     return out

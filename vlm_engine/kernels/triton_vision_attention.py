@@ -35,7 +35,7 @@ Work decomposition
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -106,15 +106,88 @@ def vision_attention_kernel(
     USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
+    _attend_block(
+        out_ptr, qkv_ptr, tl.program_id(1) // num_heads, tl.program_id(1) % num_heads,
+        tl.program_id(0), scale_log2e, num_patches, num_heads,
+        stride_qkv_image, stride_qkv_patch, stride_out_image, stride_out_patch,
+        HEAD_DIM, D_MAIN, D_TAIL, BLOCK_M, BLOCK_N, MASK_KEYS, LOAD_K_TRANSPOSED, DOT_PRECISION,
+    )  # fmt: skip
+
+
+@jit
+def redo_flagged_kernel(
+    out_ptr,
+    qkv_ptr,
+    flag_ptr,  # [N * H * cdiv(P, BLOCK_M)] int32: nonzero where a block is to be computed again
+    num_flags,
+    scale_log2e,
+    num_patches,
+    num_heads,
+    stride_qkv_image,
+    stride_qkv_patch,
+    stride_out_image,
+    stride_out_patch,
+    HEAD_DIM: tl.constexpr,
+    D_MAIN: tl.constexpr,
+    D_TAIL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    LOAD_K_TRANSPOSED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    FLAGS_PER_PROGRAM: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Each program reads FLAGS_PER_PROGRAM flags at once and, only if one is set, computes
+    those query blocks, one after another: with no flag set the launch costs a few us."""
+    pdl_wait(USE_PDL)
+    first = tl.program_id(0) * FLAGS_PER_PROGRAM
+    indices = first + tl.arange(0, FLAGS_PER_PROGRAM)
+    flags = tl.load(flag_ptr + indices, mask=indices < num_flags, other=0)
+    if tl.max(tl.abs(flags), axis=0) != 0:
+        blocks_per_head = tl.cdiv(num_patches, BLOCK_M)
+        for index in range(first, tl.minimum(first + FLAGS_PER_PROGRAM, num_flags)):
+            if tl.load(flag_ptr + index) != 0:
+                pair = index // blocks_per_head
+                _attend_block(
+                    out_ptr, qkv_ptr, pair // num_heads, pair % num_heads,
+                    index % blocks_per_head, scale_log2e, num_patches, num_heads,
+                    stride_qkv_image, stride_qkv_patch, stride_out_image, stride_out_patch,
+                    HEAD_DIM, D_MAIN, D_TAIL, BLOCK_M, BLOCK_N, MASK_KEYS, LOAD_K_TRANSPOSED,
+                    DOT_PRECISION,
+                )  # fmt: skip
+
+
+@jit
+def _attend_block(
+    out_ptr,
+    qkv_ptr,
+    image,
+    head,
+    block,  # the query patches [block * BLOCK_M, (block + 1) * BLOCK_M)
+    scale_log2e,
+    num_patches,
+    num_heads,
+    stride_qkv_image,
+    stride_qkv_patch,
+    stride_out_image,
+    stride_out_patch,
+    HEAD_DIM: tl.constexpr,
+    D_MAIN: tl.constexpr,
+    D_TAIL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    LOAD_K_TRANSPOSED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     MASK_MAIN: tl.constexpr = HEAD_DIM < D_MAIN
     MASK_TAIL: tl.constexpr = HEAD_DIM < D_MAIN + D_TAIL
-    image = tl.program_id(1) // num_heads
-    head = tl.program_id(1) % num_heads
     q_base = qkv_ptr + image.to(tl.int64) * stride_qkv_image + head * HEAD_DIM
     k_base = q_base + num_heads * HEAD_DIM
     v_base = k_base + num_heads * HEAD_DIM
 
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_patches
     main = tl.arange(0, D_MAIN)
     main_ok = main < HEAD_DIM
@@ -268,34 +341,67 @@ def vision_attention(
     if out.numel() == 0:
         return out
     config = config or default_config(num_patches, qkv.device)
-    d_main, d_tail = split_head_dim(head_dim)
     grid = (triton.cdiv(num_patches, config.block_m), num_images * num_heads)
-    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    if config.max_registers is not None:
-        launch["maxnreg"] = config.max_registers
-    vision_attention_kernel[grid](
-        out,
-        qkv,
-        head_dim**-0.5 * math.log2(math.e),
-        num_patches,
-        num_heads,
-        qkv.stride(0),
-        qkv.stride(1),
-        out.stride(0),
-        out.stride(1),
-        HEAD_DIM=head_dim,
-        D_MAIN=d_main,
-        D_TAIL=d_tail,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        MASK_KEYS=num_patches % config.block_n != 0,
-        LOAD_K_TRANSPOSED=config.load_k_transposed,
-        # fp32 inputs would otherwise go through TF32 on the GPU (~1e-3 error).
-        DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-        **pdl_options(qkv.device),
-        **launch,
-    )
+    args, constants = _launch_args(out, qkv, num_heads, config)
+    vision_attention_kernel[grid](*args, **constants)
     return out
+
+
+def redo_flagged(
+    out: torch.Tensor, qkv: torch.Tensor, num_heads: int, flags: torch.Tensor, block_m: int
+) -> None:
+    """Compute again, into `out`, the query blocks whose flag is nonzero: flags [N * H *
+    cdiv(P, block_m)] int32 in (image, head, block) order, blocks of `block_m` patches. For a
+    kernel that flags the blocks it could not compute (gluon_vision_attention's overflow check);
+    the flags stay on the device, nothing waits for them."""
+    head_dim = qkv_head_dim(qkv, num_heads)
+    _check_runnable(qkv)
+    num_images, num_patches, _ = qkv.shape
+    if flags.dtype != torch.int32 or flags.numel() != num_images * num_heads * triton.cdiv(
+        num_patches, block_m
+    ):
+        raise ValueError(f"flags must be int32 [N * H * cdiv(P, {block_m})]")
+    if out.shape != (num_images, num_patches, num_heads * head_dim) or out.stride(-1) != 1:
+        raise ValueError("out must be [N, P, H * D], contiguous in its last dimension")
+    if flags.numel() == 0:
+        return
+    config = replace(default_config(num_patches, qkv.device), block_m=block_m)
+    per_program = 128
+    grid = (triton.cdiv(flags.numel(), per_program),)
+    args, constants = _launch_args(out, qkv, num_heads, config)
+    redo_flagged_kernel[grid](
+        args[0], args[1], flags, flags.numel(), *args[2:],
+        FLAGS_PER_PROGRAM=per_program, **constants,
+    )  # fmt: skip
+
+
+def _launch_args(
+    out: torch.Tensor, qkv: torch.Tensor, num_heads: int, config: VisionAttentionConfig
+) -> tuple[list, dict]:
+    """The arguments and constants shared by the two kernels' launches."""
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    num_patches = qkv.shape[1]
+    d_main, d_tail = split_head_dim(head_dim)
+    constants = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.max_registers is not None:
+        constants["maxnreg"] = config.max_registers
+    args = [
+        out, qkv, head_dim**-0.5 * math.log2(math.e), num_patches, num_heads,
+        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+    ]  # fmt: skip
+    constants |= {
+        "HEAD_DIM": head_dim,
+        "D_MAIN": d_main,
+        "D_TAIL": d_tail,
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "MASK_KEYS": num_patches % config.block_n != 0,
+        "LOAD_K_TRANSPOSED": config.load_k_transposed,
+        # fp32 inputs would otherwise go through TF32 on the GPU (~1e-3 error).
+        "DOT_PRECISION": "ieee" if qkv.dtype == torch.float32 else "tf32",
+        **pdl_options(qkv.device),
+    }
+    return args, constants
 
 
 def _check_runnable(qkv: torch.Tensor) -> None:
