@@ -24,34 +24,47 @@ Work decomposition
   wide (8 at D = 72): the second product's N may be any multiple of 8, where the scores' K step
   is 16. Alone the kernel times the same either way; inside the tower, which runs at the GPU's
   power cap, the narrower product took the tower from 88.9 to 91.7 images/s (batch 32).
-- A consumer, per key tile j: issue S_j = q k_j^T (main + tail) and O += P_{j-1} v_{j-1} as
-  asynchronous warpgroup MMAs; wait for S_j only; online softmax of S_j (float32, exp2 with the
-  scale and log2(e) folded into one FMA); wait for P_{j-1} v_{j-1}; release stage j-1; rescale
-  O. P goes to the second product from registers, in bf16/fp16. (In the SASS, ptxas moves that
-  second wait ahead of most of the softmax; the overlap that is left is between the two
-  consumers, and between S_j and the other consumer's work. See below.)
+- A consumer, per key tile j: issue S_j = q k_j^T (main + tail) and the products of P_{j-1}
+  as asynchronous warpgroup MMAs; wait for S_j only; the softmax of S_j (float32, exp2 with the
+  scale and log2(e) folded into one FMA); wait for the products; release stage j-1. P goes to
+  the products from registers, in bf16/fp16.
+- bf16 (`FIXED_MAX`, the default): no running maximum. The first key tile's row maxima m stay
+  every tile's reference, P_j = exp2(S_j * scale - m), and the row sums come from one more
+  product, P_{j-1} @ ones (an 8-wide ones tile in shared memory, the value tail's shape): no
+  row max, no O rescale and no row adds per tile, which leaves the softmax an FMA, an exp2 and
+  half a conversion per score. The result is the same softmax, scaled: P may exceed 1 (by
+  2^(later maximum - m)) but bf16 has float32's exponent range, and numerator and denominator
+  both sum the same rounded bf16 P, so a dominant key's rounding cancels (with row sums of the
+  unrounded float32 P instead, the max error doubled on sharp softmaxes). m is never above the
+  row's true maximum, so small scores underflow no sooner than with the online maximum. Only a
+  row with a score ~127 above m (log2 units; ~88 in the logits' own), or whose sums pass
+  float32's range, overflows: the epilogue
+  checks each row's sum and output, flags a 128-row block with a row that is not finite, and
+  `triton_vision_attention.redo_flagged` computes the flagged blocks again with the online
+  maximum (a launch of a few us when nothing is flagged; nothing waits on the host). float16
+  keeps the online maximum: its range (2^16) would overflow on ordinary inputs.
+  At [32, 16, 4096, 72] on an H100: 4.8 ms against 5.8-6.0 with the online maximum; the tower
+  (batch 32) 96-98 images/s against 88-91 (docs/benchmarks.md).
 - Requirements (`supported`): a compute capability 9.x GPU, bf16/fp16, 64 < D <= 80 with D a
   multiple of 8 (TMA strides are 16-byte aligned), P a multiple of 2 * BLOCK_M and of BLOCK_N
   with at least STAGES key tiles, contiguous qkv. Otherwise `vision_attention` takes SDPA.
 
-Measured on an H100 at [32, 16, 4096, 72] (benchmarks/vision_attention.py, docs/benchmarks.md):
-6.0-6.2 ms against 6.7-7.0 ms for SDPA and its output copy. Tried and slower or no better: 64-row
-consumers with 128-key tiles, 2 or 4 stages, the two consumers taking strict turns on the tensor
-cores (ping-pong; the turn handed over when the products are issued, or when they are done), the
-products issued one K step at a time so that the 64-row halves' MMAs alternate (0.3-0.9% in the
-tower, within its noise), one 8-warp program issuing its own loads (no warp specialization), q held
-in registers, the next score tile issued before the softmax (two in flight, 64-row consumers), part
-of the exponentials as a cubic on the FMA pipe, the row sums from an 8-wide product against ones,
-q's and v's biases applied here (k's cancel in the softmax) so that the q/k/v GEMM runs without its
-bias epilogue, O's rescale skipped while no row's maximum grows by more than 2^8 (a warpgroup-wide
-max per tile), P packed to bf16 by integer adds and byte permutes instead of conversions, and
-keeping the softmax between the two MMA waits in the SASS (ptxas hoists the second wait and the
-stage release above the softmax; a branch between them stops that, and changed nothing).
-Without the softmax the kernel takes 4.1-4.3 ms, without the products 2.4-2.5 ms. Each consumer's
-phases are bound by their own latency: one consumer's products alone take 2.9 ms, its softmax
-alone 2.4, and the two side by side (one consumer each) 3.1. Both consumers multiplying and then
-both exponentiating, as the kernel runs, and strict turns (2 x 3.1) come to the same ~6 ms. More
-warpgroups in flight would help; 128-row consumers at 240 registers leave no room for them.
+History (docs/benchmarks.md). With the online maximum the kernel took 6.0-6.2 ms against 6.7-7.0
+ms for SDPA and its output copy. Tried and slower or no better: 64-row consumers with 128-key
+tiles, 2 or 4 stages, the two consumers taking strict turns on the tensor cores (ping-pong; the
+turn handed over when the products are issued, or when they are done), the products issued one K
+step at a time so that the 64-row halves' MMAs alternate (0.3-0.9% in the tower, within its
+noise), one 8-warp program issuing its own loads (no warp specialization), q held in registers,
+the next score tile issued before the softmax (two in flight, 64-row consumers), part of the
+exponentials as a cubic on the FMA pipe, the row sums from a product against ones beside the
+online maximum, q's and v's biases applied here (k's cancel in the softmax) so that the q/k/v
+GEMM runs without its bias epilogue, O's rescale skipped while no row's maximum grows by more
+than 2^8 (a warpgroup-wide max per tile), P packed to bf16 by integer adds and byte permutes
+instead of conversions, and keeping the softmax between the two MMA waits in the SASS (ptxas
+hoists the second wait and the stage release above the softmax; a branch between them stops
+that, and changed nothing). The profile that led to the fixed reference: without the softmax
+the kernel took 4.1-4.3 ms, without the products 2.4-2.5 ms, and each consumer's phases were
+bound by the latency of its own instruction stream, so fewer instructions per score was the way.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ Work decomposition
   (what Triton's Hopper attention tutorial does). Which is faster is left to the benchmark.
 - `max_registers` caps registers per thread (ptxas .maxnreg) so that more programs fit on an
   SM: 128 lets two 8-warp programs share one, overlapping one's softmax with the other's MMAs.
+- `redo_flagged` runs the same computation for a list of query blocks given as device-side
+  flags (`redo_flagged_kernel`: each program reads 128 flags and returns unless one is set):
+  the Gluon kernel's bf16 path flags the blocks whose rows overflowed its fixed reference
+  maximum, and this computes them again with the online maximum.
 """
 
 from __future__ import annotations
