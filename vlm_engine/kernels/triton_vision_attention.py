@@ -373,6 +373,10 @@ def redo_flagged(
     per_program = 128
     grid = (triton.cdiv(flags.numel(), per_program),)
     args, constants = _launch_args(out, qkv, num_heads, config)
+    # No PDL: it rewrites blocks of what the kernel before it wrote, which a PDL kernel after it
+    # may read before its own wait (pdl.py's rule allows reads of two kernels back).
+    constants.pop("launch_pdl", None)
+    constants["USE_PDL"] = False
     redo_flagged_kernel[grid](
         args[0], args[1], flags, flags.numel(), *args[2:],
         FLAGS_PER_PROGRAM=per_program, **constants,
