@@ -122,8 +122,6 @@ def vision_attention_kernel(
 def redo_flagged_kernel(
     out_ptr,
     qkv_ptr,
-    flag_ptr,  # [N * H * cdiv(P, BLOCK_M)] int32: nonzero where a block is to be computed again
-    num_flags,
     scale_log2e,
     num_patches,
     num_heads,
@@ -131,6 +129,8 @@ def redo_flagged_kernel(
     stride_qkv_patch,
     stride_out_image,
     stride_out_patch,
+    flag_ptr,  # [N * H * cdiv(P, BLOCK_M)] int32: nonzero where a block is to be computed again
+    num_flags,
     HEAD_DIM: tl.constexpr,
     D_MAIN: tl.constexpr,
     D_TAIL: tl.constexpr,
@@ -143,7 +143,7 @@ def redo_flagged_kernel(
     USE_PDL: tl.constexpr,
 ):
     """Each program reads FLAGS_PER_PROGRAM flags at once and, only if one is set, computes
-    those query blocks, one after another: with no flag set the launch costs a few us."""
+    those query blocks, one after another; with no flag set it returns after that one read."""
     pdl_wait(USE_PDL)
     first = tl.program_id(0) * FLAGS_PER_PROGRAM
     indices = first + tl.arange(0, FLAGS_PER_PROGRAM)
@@ -378,9 +378,8 @@ def redo_flagged(
     constants.pop("launch_pdl", None)
     constants["USE_PDL"] = False
     redo_flagged_kernel[grid](
-        args[0], args[1], flags, flags.numel(), *args[2:],
-        FLAGS_PER_PROGRAM=per_program, **constants,
-    )  # fmt: skip
+        *args, flags, flags.numel(), FLAGS_PER_PROGRAM=per_program, **constants
+    )
 
 
 def _launch_args(
