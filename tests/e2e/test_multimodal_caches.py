@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from vlm_engine import Engine, InvalidInputError, SamplingParams
 from vlm_engine.caches.ec_connector import entry_key
 from vlm_engine.testing import make_tiny_checkpoint
 from vlm_engine.testing.samples import random_image, random_words
+from vlm_engine.vision import image_processor, mm_hash
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, min_tokens=6)
 OPTIONS = {"device": "cpu", "dtype": "float32"}
@@ -80,6 +82,40 @@ def test_disk_connector_survives_a_restart(checkpoint, tmp_path):
     assert second.stats()["vision_encoder"]["images_loaded"] == 2
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
     second.close()
+
+
+def transparent_prompt() -> dict:
+    image = random_image(40, 30, 25).convert("RGBA")
+    image.putalpha(Image.linear_gradient("L").resize((40, 30)))  # clear at the top
+    return {"prompt": "<start_of_image>What is this?", "images": [image]}
+
+
+@pytest.mark.parametrize("revision_bumped", [True, False])
+def test_entries_of_an_older_preprocessing_are_not_served(
+    checkpoint, tmp_path, monkeypatch, revision_bumped
+):
+    """An engine that dropped alpha (the preprocessing before compositing onto white) filled the
+    connector; a newer engine on it encodes the image afresh, since the revision of the
+    preprocessing is part of the mm_hash and so of the connector's key. Without the revision
+    (the control case) the stale embedding would be served."""
+    spec = f"disk:{tmp_path / 'ec'}"
+    fresh = Engine(checkpoint, **OPTIONS).generate(transparent_prompt(), GREEDY)
+    with monkeypatch.context() as old_release:
+        old_release.setattr(image_processor, "convert_to_rgb", lambda image: image.convert("RGB"))
+        if revision_bumped:
+            revision = mm_hash.PREPROCESSING_REVISION
+            old_release.setattr(mm_hash, "PREPROCESSING_REVISION", revision - 1)
+        with Engine(checkpoint, **OPTIONS, ec_connector=spec) as old:
+            stale = old.generate(transparent_prompt(), GREEDY)
+            assert encoded(old) == 1
+    assert stale[0].token_ids != fresh[0].token_ids  # the two preprocessings disagree
+    with Engine(checkpoint, **OPTIONS, ec_connector=spec) as new:
+        (out,) = new.generate(transparent_prompt(), GREEDY)
+        loaded = new.stats()["vision_encoder"]["images_loaded"]
+    if revision_bumped:
+        assert loaded == 0 and out.token_ids == fresh[0].token_ids
+    else:
+        assert loaded == 1 and out.token_ids == stale[0].token_ids
 
 
 def test_a_corrupt_entry_is_a_miss(checkpoint, tmp_path):

@@ -17,6 +17,7 @@ from transformers.image_transforms import rescale as hf_rescale
 # the class in its own module works and picks the PIL backend.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers_reference import as_transformers_input
 
 from vlm_engine.errors import ConfigError, InvalidImageError
 from vlm_engine.vision.image_io import load_image
@@ -25,6 +26,8 @@ from vlm_engine.vision.image_processor import (
     ImageProcessorConfig,
     ProcessedImage,
 )
+
+pytestmark = pytest.mark.transformers
 
 # preprocessor_config.json as shipped with google/gemma-3-*-it.
 GEMMA3_PREPROCESSOR_CONFIG = {
@@ -68,7 +71,7 @@ def options(height: int = 896, width: int | None = None, **overrides) -> dict:
 
 
 def hf_process(image: Image.Image, opts: dict) -> tuple[np.ndarray, int]:
-    out = Gemma3ImageProcessorPil(**opts)(images=image, return_tensors="np")
+    out = Gemma3ImageProcessorPil(**opts)(images=as_transformers_input(image), return_tensors="np")
     return out["pixel_values"], int(out["num_crops"][0])
 
 
@@ -138,6 +141,57 @@ def test_every_mode_matches_transformers(mode):
 @pytest.mark.parametrize("kind", ["index", "alpha_per_entry"])
 def test_palette_with_transparency_matches_transformers(kind):
     assert_matches_hf(palette_with_transparency(kind), options(64))
+
+
+def with_transparency_key(mode: str) -> Image.Image:
+    """A grey or RGB image read back from PNG with a tRNS colour key that some pixels match."""
+    image = random_image(mode, 40, 30, seed=12)
+    key = image.getpixel((3, 4))
+    image.info["transparency"] = key
+    reloaded = png_roundtrip(image)
+    assert reloaded.mode == mode and reloaded.info.get("transparency") == key
+    return reloaded
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_transparency_key_matches_transformers(mode):
+    assert_matches_hf(with_transparency_key(mode), options(48))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "L", "RGB", "P"])
+def test_transparent_pixels_become_white(mode):
+    """Transparency is composited onto white: a fully transparent pixel becomes (255, 255, 255)
+    whatever colour it stores, an opaque one keeps its colour, a half one lands between."""
+    if mode in ("L", "RGB"):
+        image = with_transparency_key(mode)
+        transparent, opaque = (3, 4), None
+    elif mode == "P":
+        image = palette_with_transparency("index")
+        transparent = next(
+            (x, y)
+            for y in range(image.height)
+            for x in range(image.width)
+            if image.getpixel((x, y)) == 7
+        )
+        opaque = None
+    else:
+        image = random_image(mode, 40, 30, seed=13)
+        alpha = image.getchannel("A")
+        alpha.putpixel((3, 4), 0)
+        alpha.putpixel((5, 6), 255)
+        alpha.putpixel((7, 8), 128)
+        image.putalpha(alpha)
+        transparent, opaque = (3, 4), (5, 6)
+    processor = Gemma3ImageProcessor(ImageProcessorConfig(do_resize=False))
+    pixels, _ = processor.preprocess_uint8(image)  # [1, 3, h, w]
+    rgb = pixels[0].permute(1, 2, 0)
+    assert rgb[transparent[1], transparent[0]].tolist() == [255, 255, 255]
+    if opaque is not None:
+        stored = image.convert("RGBA").getpixel(opaque)[:3]
+        assert rgb[opaque[1], opaque[0]].tolist() == list(stored)
+        half = image.convert("RGBA").getpixel((7, 8))[:3]
+        expected = [round((c * 128 + 255 * 127) / 255) for c in half]
+        assert all(abs(a - b) <= 1 for a, b in zip(rgb[8, 7].tolist(), expected, strict=True))
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image, features
 
 from vlm_engine.errors import InvalidImageError
+from vlm_engine.vision import mm_hash as mm_hash_module
 from vlm_engine.vision.image_processor import ImageProcessorConfig
 from vlm_engine.vision.mm_hash import ImageHasher, image_mm_hash, processor_key
 
@@ -139,6 +140,18 @@ def test_processor_settings_and_model_id_are_part_of_the_hash(config, model_id):
         hasher(config=config, model_id=model_id).identify(encode(image, "PNG"))[0]
         != (hasher().identify(encode(image, "PNG"))[0])
     )
+
+
+def test_preprocessing_revision_is_part_of_the_hash(monkeypatch):
+    """An engine release that preprocesses differently hashes every image differently, so
+    caches that outlive an upgrade (disk, Redis) never serve the old pixels' embeddings."""
+    image = random_image()
+    current = pil_hash(image)
+    revision = mm_hash_module.PREPROCESSING_REVISION
+    monkeypatch.setattr(mm_hash_module, "PREPROCESSING_REVISION", revision - 1)
+    assert pil_hash(image) != current
+    monkeypatch.undo()
+    assert pil_hash(image) == current
 
 
 def test_exif_orientation_is_applied_before_hashing():

@@ -1,16 +1,16 @@
 """Gemma3 image preprocessing: RGB conversion, pan-and-scan crops, resize, rescale, normalize.
 
-Bit-exact with transformers' PIL-backend Gemma3 image processor: every step makes the same PIL
-call or the same float64/float32 arithmetic, in the same order.
+Bit-exact with the PIL-backend Gemma3 image processor of the newest transformers release: every
+step makes the same PIL call or the same float64/float32 arithmetic, in the same order. Images
+with transparency are composited onto white before their alpha is dropped (transformers does so
+since 5.21; earlier releases dropped the alpha alone).
 """
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,13 @@ from PIL import Image
 
 from vlm_engine.errors import ConfigError, InvalidImageError
 from vlm_engine.vision import resize as device_resize
+from vlm_engine.vision.processor_files import check_image_seq_length, image_processor_settings
 
-PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
+# The revision of what this module makes of an image's pixels. It is part of every mm_hash, so
+# that a processor-cache or encoder-cache entry (the disk and Redis connectors outlive upgrades)
+# made by an earlier revision is never served for this one. Raise it whenever the pixels that
+# some image gets change. 2: transparency composited onto white.
+PREPROCESSING_REVISION = 2
 # Images of up to this many times the model's input pixels may be resized on the device; larger
 # ones are resized on the host, so that what crosses to the core and to the GPU stays bounded.
 DEVICE_RESIZE_MAX_SCALE = 4
@@ -105,16 +110,11 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | os.PathLike[str]) -> "ImageProcessorConfig":
-        """Read ``preprocessor_config.json`` from a checkpoint directory."""
-        path = Path(checkpoint_dir) / PREPROCESSOR_CONFIG_FILE
+        """Read the image processor settings of a checkpoint directory, from whichever file
+        holds them (see `processor_files.image_processor_settings`)."""
+        settings, path = image_processor_settings(checkpoint_dir)
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found: the checkpoint has no image processor") from None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from e
-        try:
-            return cls.from_dict(config)
+            return cls.from_dict(settings)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
 
@@ -150,6 +150,20 @@ class Gemma3ImageProcessor:
         self._table = torch.from_numpy(_normalization_table(config))  # [3, 256] float32
         # Per device, made once: a copy to a GPU at each step would wait for its queued work.
         self._tables: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint_dir: str | os.PathLike[str],
+        mm_tokens_per_image: int,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> "Gemma3ImageProcessor":
+        """The checkpoint's image processor, its settings replaced by ``overrides`` (unknown
+        names raise TypeError); `ConfigError` when its processor files expand an image into
+        another number of tokens than the model's ``mm_tokens_per_image``."""
+        check_image_seq_length(checkpoint_dir, mm_tokens_per_image)
+        config = ImageProcessorConfig.from_pretrained(checkpoint_dir)
+        return cls(config.with_overrides(**overrides) if overrides else config)
 
     def num_crops(self, width: int, height: int) -> int:
         """Pan-and-scan crops an image of this size gets (0 when off or not worth it)."""
@@ -244,8 +258,8 @@ class Gemma3ImageProcessor:
             raise InvalidImageError(f"expected a PIL image, got {type(image).__name__}")
         _check_image_size(image.width, image.height)
         try:
-            if self.config.do_convert_rgb and image.mode != "RGB":
-                image = image.convert("RGB")  # PIL's conversion, as transformers does it
+            if self.config.do_convert_rgb:
+                image = convert_to_rgb(image)
             pixels = np.asarray(image)
         except (OSError, ValueError) as e:
             raise InvalidImageError(f"cannot decode image pixels: {e}") from e
@@ -261,6 +275,17 @@ class Gemma3ImageProcessor:
         image = Image.fromarray(pixels)
         resized = image.resize((width, height), resample=self.config.resample, reducing_gap=None)
         return np.asarray(resized)
+
+
+def convert_to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels of ``image`` as transformers makes them: an image with an alpha band or a
+    transparency entry (RGBA, LA, PA, a palette or grey or RGB image with a tRNS chunk) is
+    composited onto opaque white first; any other mode goes through PIL's conversion."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _pan_and_scan_crops(pixels: np.ndarray, num_crops: int) -> list[np.ndarray]:

@@ -1,8 +1,9 @@
 """Identity of an image as the model will see it: a blake3 hash of pixels and settings.
 
 Equal pixels give equal hashes whatever file format carried them (PNG, BMP, TIFF, lossless
-WebP); the processor settings that change pixels and the model id are part of every hash, so
-two models or two processor configurations never share an entry. A caller's own image id
+WebP); the processor settings that change pixels, the revision of the preprocessing and the model
+id are part of every hash, so two models, two processor configurations or two engine releases
+that preprocess differently never share an entry. A caller's own image id
 (``image_uuid``) stands in for the pixels when given.
 
 Every hash input is framed: a type tag first, then each part behind its 8-byte little-endian
@@ -28,7 +29,7 @@ from vlm_engine.vision.image_io import (
     load_image,
     read_image_file,
 )
-from vlm_engine.vision.image_processor import ImageProcessorConfig
+from vlm_engine.vision.image_processor import PREPROCESSING_REVISION, ImageProcessorConfig
 
 _DOMAIN = b"vlm_engine/image/v2"
 _PIXELS_TAG = b"pixels"
@@ -36,9 +37,11 @@ _UUID_TAG = b"uuid"
 
 
 def processor_key(config: ImageProcessorConfig, model_id: str) -> bytes:
-    """The part of every image hash that depends on the model and processor, computed once."""
+    """The part of every image hash that depends on the model and processor, computed once:
+    the model id, the processor settings and the revision of the preprocessing itself."""
     settings = json.dumps(asdict(config), sort_keys=True, default=list)
-    return _framed(_DOMAIN, model_id.encode(), settings.encode())
+    revision = str(PREPROCESSING_REVISION).encode()
+    return _framed(_DOMAIN, model_id.encode(), settings.encode(), revision)
 
 
 def image_mm_hash(image: Image.Image, key: bytes) -> str:
