@@ -22,8 +22,6 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from transformers import AutoTokenizer
-
 from vlm_engine.config import ModelConfig
 from vlm_engine.core.core_client import CoreProcess
 from vlm_engine.core.engine_core import EngineCore
@@ -38,6 +36,7 @@ from vlm_engine.errors import (
 )
 from vlm_engine.frontend.input_processor import InputProcessor, Prompt
 from vlm_engine.frontend.output_processor import OutputProcessor
+from vlm_engine.frontend.tokenizer import load_tokenizer
 from vlm_engine.frontend.workers import DaemonPool
 from vlm_engine.outputs import RequestOutput
 from vlm_engine.sampling_params import SamplingParams
@@ -63,9 +62,7 @@ class Engine:
         else:  # the core builds the model while the tokenizer loads here
             self.core = CoreProcess(self.checkpoint_dir, self.config)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                str(self.checkpoint_dir), local_files_only=True
-            )
+            self.tokenizer = load_tokenizer(self.checkpoint_dir)
             if isinstance(self.core, CoreProcess):
                 self.core.wait_ready()
         except BaseException:

@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
 from vlm_engine.config import ModelConfig
 from vlm_engine.frontend.chat import render_chat, split_messages
 from vlm_engine.frontend.prompt import PromptBuilder, PromptInputs
+from vlm_engine.frontend.tokenizer import load_tokenizer
 from vlm_engine.models.gemma3 import Gemma3Model
 from vlm_engine.models.loader import load_model
 from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.runtime.greedy import greedy_decode
 from vlm_engine.vision.image_io import load_image
-from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
+from vlm_engine.vision.image_processor import Gemma3ImageProcessor
 
 
 @dataclass
@@ -68,13 +68,12 @@ class VisionLanguagePipeline:
     ) -> VisionLanguagePipeline:
         config = ModelConfig.from_hf(checkpoint_dir)
         model = load_model(config, checkpoint_dir, dtype=dtype, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        tokenizer = load_tokenizer(checkpoint_dir)
         processor = None
         if config.is_multimodal:
-            proc_config = ImageProcessorConfig.from_pretrained(checkpoint_dir)
-            if processor_overrides:
-                proc_config = proc_config.with_overrides(**processor_overrides)
-            processor = Gemma3ImageProcessor(proc_config)
+            processor = Gemma3ImageProcessor.from_pretrained(
+                checkpoint_dir, config.image_tokens.mm_tokens_per_image, processor_overrides
+            )
         return cls(config, model, tokenizer, processor)
 
     @property

@@ -14,7 +14,7 @@ from vlm_engine.core.engine_core import EngineCore
 from vlm_engine.engine_config import EngineConfig
 from vlm_engine.models.loader import load_model
 from vlm_engine.runtime.memory import plan_num_kv_blocks
-from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
+from vlm_engine.vision.image_processor import Gemma3ImageProcessor
 
 logger = logging.getLogger("vlm_engine")
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -69,7 +69,6 @@ def make_image_processor(
 ) -> Gemma3ImageProcessor | None:
     if not model_config.is_multimodal:
         return None
-    processor_config = ImageProcessorConfig.from_pretrained(checkpoint_dir)
-    if config.processor_options:
-        processor_config = processor_config.with_overrides(**config.processor_options)
-    return Gemma3ImageProcessor(processor_config)
+    return Gemma3ImageProcessor.from_pretrained(
+        checkpoint_dir, model_config.image_tokens.mm_tokens_per_image, config.processor_options
+    )

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from vlm_engine.config import ModelConfig
 from vlm_engine.demo.model import demo_request
 from vlm_engine.demo.shapes import ShapeScene, caption, make_example
 from vlm_engine.frontend.chat import render_chat, split_messages
 from vlm_engine.frontend.prompt import PromptBuilder
-from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
+from vlm_engine.frontend.tokenizer import load_tokenizer
+from vlm_engine.vision.image_processor import Gemma3ImageProcessor
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (transformers' convention)
 IMAGE_SIZES = (96, 256)  # pictures are drawn at a random square size in this range, then resized
@@ -50,9 +50,11 @@ class CaptionBatcher:
 
     def __init__(self, checkpoint_dir: str | Path):
         config = ModelConfig.from_hf(checkpoint_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
-        self.processor = Gemma3ImageProcessor(ImageProcessorConfig.from_pretrained(checkpoint_dir))
+        self.tokenizer = load_tokenizer(checkpoint_dir)
         self.image_token_id = config.image_tokens.image_token_id
+        self.processor = Gemma3ImageProcessor.from_pretrained(
+            checkpoint_dir, config.image_tokens.mm_tokens_per_image
+        )
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
         self.pad_id = self.tokenizer.pad_token_id
         builder = PromptBuilder(self.tokenizer, config.image_tokens)
