@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up (see setup.sh) and run the test suite and the linter.
+# Set up (see setup.sh) and run the linter and the test suite with the pinned versions, then the
+# transformers-sensitive tests again with the newest transformers (test_newest_transformers.sh).
+# Arguments go to the first pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
@@ -13,4 +15,6 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
 fi
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .
+.venv/bin/python -c "import transformers; print('pinned transformers:', transformers.__version__)"
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q "$@"
+bash scripts/test_newest_transformers.sh

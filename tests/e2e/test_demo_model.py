@@ -19,6 +19,8 @@ from vlm_engine.demo import DEMO_MAX_TOKENS, DEMO_PROMPT, default_model_path
 from vlm_engine.demo.evaluation import caption_images, held_out_examples, score_captions
 from vlm_engine.demo.shapes import ATTRIBUTES, parse_caption
 
+pytestmark = pytest.mark.transformers
+
 REPO = Path(__file__).resolve().parents[2]
 NUM_HELD_OUT = 200
 MIN_ALL_CORRECT = 0.9

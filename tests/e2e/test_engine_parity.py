@@ -17,6 +17,8 @@ from vlm_engine.testing import make_tiny_checkpoint
 from vlm_engine.testing.samples import WORDS, random_words
 from vlm_engine.testing.samples import random_image as sample_image
 
+pytestmark = pytest.mark.transformers
+
 NUM_IMAGES = 5
 # VLM_TEST_DEVICE=cuda runs the engine on a GPU (Triton kernels, CUDA graphs) against the same
 # transformers reference, float32.

@@ -19,6 +19,8 @@ from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.testing import make_tiny_checkpoint
 from vlm_engine.testing.samples import random_image, random_words
 
+pytestmark = pytest.mark.transformers
+
 REL_TOL = 1e-4
 # The same tests run on a GPU with VLM_TEST_DEVICE=cuda (float32 there too).
 DEVICE = os.environ.get("VLM_TEST_DEVICE", "cpu")

@@ -10,6 +10,8 @@ from vlm_engine.frontend.output_processor import IncrementalDetokenizer, OutputP
 from vlm_engine.sampling_params import SamplingParams
 from vlm_engine.testing import make_tiny_checkpoint
 
+pytestmark = pytest.mark.transformers
+
 UNICODE = "héllo wörld 日本語のテキスト 🎉🚀 done\n\nnext ✓"
 
 

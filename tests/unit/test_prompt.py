@@ -12,6 +12,8 @@ from vlm_engine.frontend.prompt import PromptBuilder
 from vlm_engine.runtime.forward_context import ForwardContext, ImageGroup
 from vlm_engine.testing import make_tiny_checkpoint
 
+pytestmark = pytest.mark.transformers
+
 
 @pytest.fixture(scope="module")
 def builder(tmp_path_factory):

@@ -22,6 +22,8 @@ from transformers import (
 from vlm_engine.testing import TOKEN_IDS, TinySpec, make_tiny_checkpoint
 from vlm_engine.testing.tiny_checkpoint import main
 
+pytestmark = pytest.mark.transformers
+
 SYSTEM_AND_IMAGE_CHAT = [
     {"role": "system", "content": "You are terse."},
     {
