@@ -135,7 +135,7 @@ def bench_captioning(engine, hf, args, own=None) -> list[str]:
 
 
 def bandwidth_floor_ms(engine) -> tuple[float, float]:
-    lm = engine.core.runner.model.language_model
+    lm = engine.core.engine_core.runner.model.language_model
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
     buffer = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
     other = torch.empty_like(buffer)
@@ -188,7 +188,7 @@ def _bench_vision_batch(engine, hf, args, batch: int) -> list[str]:
     processor = engine.input_processor.image_processor
     pixels = torch.cat([processor.preprocess(im).pixel_values for im in images(batch)])
     pixels = pixels.to("cuda", torch.bfloat16)
-    model = engine.core.runner.model
+    model = engine.core.engine_core.runner.model
     ours, theirs = [], []
     with torch.inference_mode():
         model.embed_images(pixels)
@@ -210,7 +210,7 @@ def bench_host_overhead(engine, hf, args, own=None) -> list[str]:
     params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
     prompts = [f"Request {i}: describe a quiet street at night." for i in range(256)]
     engine.generate(prompts[:8], params)
-    core = engine.core
+    core = engine.core.engine_core
     before = dict(core.step_seconds, prepare=core.runner.prepare_seconds, steps=core.num_steps)
     wall, _ = timed(lambda: engine.generate(prompts, params))
     steps = core.num_steps - before["steps"]

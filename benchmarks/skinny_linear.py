@@ -25,7 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
 from vlm_engine.kernels import pdl  # noqa: E402
-from vlm_engine.kernels.activation import GATE_UP_GROUP, gelu_and_mul  # noqa: E402
+from vlm_engine.kernels.activation import gelu_and_mul  # noqa: E402
+from vlm_engine.kernels.gate_up import GATE_UP_GROUP  # noqa: E402
 from vlm_engine.kernels.linear import skinny_config  # noqa: E402
 from vlm_engine.kernels.triton_linear import LinearConfig, skinny_linear  # noqa: E402
 

@@ -2,8 +2,8 @@
 72) on one GPU: SDPA as vision/siglip.py runs it (on [N, H, P, D] views of the fused q/k/v
 projection, then the transpose/reshape copy the out projection needs), SDPA with each backend
 forced, SDPA at head_dim 64 and 128 for scale, the Gluon kernel of
-kernels/gluon_vision_attention.py (what the tower runs on Hopper), and the Triton kernel of
-kernels/triton_vision_attention.py over a sweep of launch configs. Each row: median ms of
+kernels/gluon_hopper.py (what the tower runs on Hopper), and the Triton kernel of
+kernels/triton_flash.py over a sweep of launch configs. Each row: median ms of
 several CUDA-event-timed calls, TFLOP/s of useful work (4 * N * H * P^2 * D), and the max abs
 error on the first image against a float32 reference. The fastest config is printed last, ready
 to paste into HOPPER_CONFIG.
@@ -27,13 +27,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
-from vlm_engine.kernels import gluon_vision_attention  # noqa: E402
-from vlm_engine.kernels.triton_vision_attention import (  # noqa: E402
+from vlm_engine.kernels.vision_attention import (
+    gluon_hopper,  # noqa: E402
+    vision_attention_ref,  # noqa: E402
+)
+from vlm_engine.kernels.vision_attention.triton_flash import (  # noqa: E402
     VisionAttentionConfig,
     default_config,
     vision_attention,
 )
-from vlm_engine.kernels.vision_attention import vision_attention_ref  # noqa: E402
 
 QUICK_CONFIGS = [
     VisionAttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
@@ -185,10 +187,10 @@ def main() -> None:
         fn = sdpa_on_views(random_qkv(args, other_dim), h, True)
         table.time(f"SDPA + copy at head_dim {other_dim}", fn, 4 * n * h * p * p * other_dim)
 
-    if gluon_vision_attention.supported(qkv, h):
+    if gluon_hopper.supported(qkv, h):
         table.time(
             "Gluon: warp-specialized, TMA, async wgmma (the tower's default on Hopper)",
-            lambda: gluon_vision_attention.vision_attention(qkv, h),
+            lambda: gluon_hopper.vision_attention(qkv, h),
         )
     else:
         print("| Gluon kernel | skipped: not supported here (needs Hopper, 64 < D <= 80) | | | |")

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlm_engine.config import ModelConfig
-from vlm_engine.core.core_client import CoreProcess
-from vlm_engine.core.engine_core import EngineCore
-from vlm_engine.core.launch import build_core, make_image_processor, resolve_device
-from vlm_engine.core.request import Request, RequestStatus
+from vlm_engine.core.client import CoreClient
+from vlm_engine.core.in_process_client import InProcessClient
+from vlm_engine.core.process_client import ProcessClient
+from vlm_engine.device import resolve_device
 from vlm_engine.engine_config import EngineConfig
 from vlm_engine.errors import (
     EngineDeadError,
@@ -34,12 +34,14 @@ from vlm_engine.errors import (
     InvalidInputError,
     RequestIdInUseError,
 )
+from vlm_engine.frontend.image_processor import load_image_processor
 from vlm_engine.frontend.input_processor import InputProcessor, Prompt
 from vlm_engine.frontend.output_processor import OutputProcessor
 from vlm_engine.frontend.tokenizer import load_tokenizer
 from vlm_engine.frontend.workers import DaemonPool
 from vlm_engine.outputs import RequestOutput
 from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.vocab.request import Request, RequestStatus
 
 logger = logging.getLogger("vlm_engine")
 OnError = Literal["raise", "return"]
@@ -56,15 +58,12 @@ class Engine:
             self.config.core_process is None and not on_gpu
         )
         self._closed = False
-        self.core: EngineCore | CoreProcess
-        if in_process:
-            self.core = build_core(self.checkpoint_dir, self.config)
-        else:  # the core builds the model while the tokenizer loads here
-            self.core = CoreProcess(self.checkpoint_dir, self.config)
+        # A core in its own process builds the model while the tokenizer loads here.
+        client = InProcessClient if in_process else ProcessClient
+        self.core: CoreClient = client.start(self.checkpoint_dir, self.config)
         try:
             self.tokenizer = load_tokenizer(self.checkpoint_dir)
-            if isinstance(self.core, CoreProcess):
-                self.core.wait_ready()
+            self.core.wait_ready()
         except BaseException:
             self.core.close()
             raise
@@ -75,7 +74,9 @@ class Engine:
         self.input_processor = InputProcessor(
             self.model_config,
             self.tokenizer,
-            make_image_processor(self.model_config, self.checkpoint_dir, self.config),
+            load_image_processor(
+                self.model_config, self.checkpoint_dir, self.config.processor_options
+            ),
             model_id=str(self.checkpoint_dir.resolve()),
             engine_config=self.config,
             max_model_len=self.max_model_len,
@@ -97,7 +98,7 @@ class Engine:
     @property
     def is_healthy(self) -> bool:
         """False once the engine is closed or its core process has failed or exited."""
-        return not self._closed and getattr(self.core, "is_alive", True)
+        return not self._closed and self.core.is_alive
 
     # ---- low-level loop ----------------------------------------------------------------------
 

@@ -17,14 +17,15 @@ import torch
 
 from vlm_engine.config import ModelConfig
 from vlm_engine.frontend.chat import render_chat, split_messages
-from vlm_engine.frontend.prompt import PromptBuilder, PromptInputs
+from vlm_engine.frontend.image_io import load_image
+from vlm_engine.frontend.image_processor import Gemma3ImageProcessor
+from vlm_engine.frontend.prompt import PromptBuilder
 from vlm_engine.frontend.tokenizer import load_tokenizer
+from vlm_engine.kernels.attention.metadata import ForwardContext
 from vlm_engine.models.gemma3 import Gemma3Model
 from vlm_engine.models.loader import load_model
-from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.runtime.greedy import greedy_decode
-from vlm_engine.vision.image_io import load_image
-from vlm_engine.vision.image_processor import Gemma3ImageProcessor
+from vlm_engine.vocab.inputs import PromptInputs
 
 
 @dataclass

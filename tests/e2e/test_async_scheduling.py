@@ -131,7 +131,7 @@ def test_abort_while_in_flight_frees_everything(engines):
         overlapped.add_request(f"prompt {i} about triangles", params, request_id=f"x{i}")
     for _ in range(4):
         overlapped.step()
-    assert overlapped.core._in_flight is not None
+    assert overlapped.core.engine_core._in_flight is not None
     for i in range(3):
         overlapped.abort_request(f"x{i}")
     assert not overlapped.has_unfinished() and overlapped.core.all_blocks_free()

@@ -168,12 +168,12 @@ def test_invalid_sampling_values_are_typed_errors(field, value, error):
 
 
 def test_default_raises_the_first_bad_request_before_any_work(engine, files):
-    steps = engine.core.num_steps
+    steps = engine.core.engine_core.num_steps
     generated = engine.stats()["requests"]["generated_tokens"]
     batch = [TEXT, "", one_image(str(files.not_an_image)), TEXT]
     with pytest.raises(EmptyPromptError, match=r"^prompts\[1\]: request 'req-\d+': empty prompt"):
         engine.generate(batch, GREEDY)
-    assert engine.core.num_steps == steps
+    assert engine.core.engine_core.num_steps == steps
     assert engine.stats()["requests"]["generated_tokens"] == generated
     assert_nothing_held(engine)
 

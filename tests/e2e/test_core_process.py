@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vlm_engine import AsyncEngine, ConfigError, Engine, EngineDeadError, SamplingParams
-from vlm_engine.core.core_client import SHUTDOWN_SECONDS
+from vlm_engine.core.process_client import SHUTDOWN_SECONDS
 from vlm_engine.errors import NotAnImageError
 from vlm_engine.testing import make_tiny_checkpoint
 from vlm_engine.testing.samples import random_image

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoProcessor, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
-from vlm_engine.frontend.prompt import PromptInputs
+from vlm_engine.kernels.attention.metadata import ForwardContext
 from vlm_engine.pipeline import PreparedPrompt, VisionLanguagePipeline, image_mask
-from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.testing import make_tiny_checkpoint
 from vlm_engine.testing.samples import random_image, random_words
+from vlm_engine.vocab.inputs import PromptInputs
 
 pytestmark = pytest.mark.transformers
 

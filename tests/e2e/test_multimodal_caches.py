@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from vlm_engine import Engine, InvalidInputError, SamplingParams
-from vlm_engine.caches.ec_connector import entry_key
+from vlm_engine.frontend import image_processor, mm_hash
+from vlm_engine.runtime.connectors import entry_key
 from vlm_engine.testing import make_tiny_checkpoint
 from vlm_engine.testing.samples import random_image, random_words
-from vlm_engine.vision import image_processor, mm_hash
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, min_tokens=6)
 OPTIONS = {"device": "cpu", "dtype": "float32"}
@@ -122,8 +122,8 @@ def test_a_corrupt_entry_is_a_miss(checkpoint, tmp_path):
     spec = f"disk:{tmp_path / 'ec'}"
     with Engine(checkpoint, **OPTIONS, ec_connector=spec) as first:
         (expected,) = first.generate(image_prompt(30), GREEDY)
-        (mm_hash,) = first.core.runner.encoder.cache
-        fingerprint = first.core.connector.fingerprint
+        (mm_hash,) = first.core.engine_core.runner.encoder.cache
+        fingerprint = first.core.engine_core.connector.fingerprint
     key = entry_key(fingerprint, mm_hash)
     import diskcache
 
@@ -141,7 +141,7 @@ def test_two_engines_share_one_redis(checkpoint, redis_server):
     a = Engine(checkpoint, **OPTIONS, ec_connector=redis_server.url)
     b = Engine(checkpoint, **OPTIONS, ec_connector=redis_server.url)
     (from_a,) = a.generate(image_prompt(40), GREEDY)
-    a.core.connector.flush()
+    a.core.engine_core.connector.flush()
     (from_b,) = b.generate(image_prompt(40), GREEDY)
     assert encoded(a) == 1 and encoded(b) == 0
     assert from_a.token_ids == from_b.token_ids
@@ -191,7 +191,7 @@ def test_outputs_do_not_depend_on_any_cache(checkpoint, tmp_path):
     every = Engine(checkpoint, **OPTIONS, ec_connector=f"disk:{tmp_path / 'ec'}")
     expected = [o.token_ids for o in none.generate(prompts, GREEDY)]
     assert [o.token_ids for o in every.generate(prompts, GREEDY)] == expected
-    every.core.connector.flush()
+    every.core.engine_core.connector.flush()
     again = Engine(checkpoint, **OPTIONS, ec_connector=f"disk:{tmp_path / 'ec'}")
     assert [o.token_ids for o in again.generate(prompts, GREEDY)] == expected
     distinct = {id(image) for p in prompts for image in p["images"]}

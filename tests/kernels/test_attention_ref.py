@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_engine.kernels.attention import attend_one_ref, attention_ref, gather_kv_ref
-from vlm_engine.runtime.forward_context import ForwardContext
+from vlm_engine.kernels.attention.metadata import ForwardContext
+from vlm_engine.kernels.attention.reference import attend_one_ref, attention_ref, gather_kv_ref
 
 
 @pytest.mark.parametrize("window", [None, 5])

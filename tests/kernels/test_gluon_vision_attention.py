@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_engine.kernels import gluon_vision_attention as gva
 from vlm_engine.kernels import vision_attention as va
+from vlm_engine.kernels.vision_attention import gluon_hopper as gva
 from vlm_engine.kernels.vision_attention import vision_attention_ref
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -46,7 +46,7 @@ import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
-from vlm_engine.kernels import gluon_vision_attention as gva
+from vlm_engine.kernels.vision_attention import gluon_hopper as gva
 
 dtype, head_dim, num_heads = getattr(torch, sys.argv[1]), int(sys.argv[2]), 4
 qkv = torch.zeros(2, 512, 3 * num_heads * head_dim, dtype=dtype)  # CPU: descriptors only
@@ -158,13 +158,13 @@ def test_rows_that_overflow_the_fixed_maximum_are_computed_again(monkeypatch):
     qkv[1, 320:384, key : key + head_dim] = 30.0
     qkv = qkv.to(torch.bfloat16)
     seen = []
-    redo = gva.triton_vision_attention.redo_flagged
+    redo = gva.triton_flash.redo_flagged
 
     def spy(out, qkv, num_heads, flags, block_m):
         seen.append(flags.clone())
         redo(out, qkv, num_heads, flags, block_m)
 
-    monkeypatch.setattr(gva.triton_vision_attention, "redo_flagged", spy)
+    monkeypatch.setattr(gva.triton_flash, "redo_flagged", spy)
     monkeypatch.setattr(gva, "FIXED_MAX", True)
     out = gva.vision_attention(qkv, num_heads)
 
@@ -197,7 +197,7 @@ def test_tower_with_gluon_attention_matches_sdpa(monkeypatch, gluon_calls):
     # layers, random weights, two images so that the dispatch takes the kernel: same last hidden
     # state as the SDPA path, as far as bf16 allows.
     from vlm_engine.config import VisionConfig
-    from vlm_engine.vision.siglip import SiglipVisionTower
+    from vlm_engine.models.siglip import SiglipVisionTower
 
     config = VisionConfig(
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from vlm_engine.config import VisionConfig  # noqa: E402
 from vlm_engine.kernels import norm, triton_norm, triton_norm_linear  # noqa: E402
-from vlm_engine.vision import siglip  # noqa: E402
+from vlm_engine.models import siglip  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -10,24 +10,25 @@ module importing the kernel); and the variable would stay set for every other te
 import pytest
 import torch
 
-from vlm_engine.kernels import split_kv, triton_attention
-from vlm_engine.kernels.attention import attention_ref
-from vlm_engine.kernels.triton_attention import TileConfig, paged_attention
-from vlm_engine.runtime.forward_context import ForwardContext, ImageGroup
+from vlm_engine.kernels.attention import split_kv, triton_paged
+from vlm_engine.kernels.attention.metadata import ForwardContext
+from vlm_engine.kernels.attention.reference import attention_ref
+from vlm_engine.kernels.attention.triton_paged import TileConfig, paged_attention
+from vlm_engine.vocab.inputs import ImageGroup
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # 16 x 16 tiles so that short sequences still span several KV tiles and query tiles.
 SMALL_TILES = TileConfig(block_m=16, block_n=16)
 
-pytestmark = pytest.mark.skipif(triton_attention.triton is None, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(triton_paged.triton is None, reason="triton is not installed")
 
 
 @pytest.fixture(autouse=True)
 def interpret_on_cpu(interpret):
     """Without CUDA the kernels run on Triton's interpreter (see conftest.py)."""
     if not CUDA:
-        interpret(triton_attention, split_kv)
+        interpret(triton_paged, split_kv)
 
 
 def make_step(

@@ -10,18 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_engine.kernels import triton_vision_attention, vision_attention
-from vlm_engine.kernels.triton_vision_attention import VisionAttentionConfig, split_head_dim
-from vlm_engine.kernels.vision_attention import vision_attention_ref
+from vlm_engine.kernels import vision_attention
+from vlm_engine.kernels.vision_attention import triton_flash, vision_attention_ref
+from vlm_engine.kernels.vision_attention.triton_flash import VisionAttentionConfig, split_head_dim
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 SMALL_TILES = VisionAttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
 FP32_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
-needs_triton = pytest.mark.skipif(
-    triton_vision_attention.triton is None, reason="triton is not installed"
-)
+needs_triton = pytest.mark.skipif(triton_flash.triton is None, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device: bf16/fp16 run natively only")
 
 
@@ -29,8 +27,8 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device: bf16/fp16
 def kernel(interpret):
     """The kernel wrapper; without CUDA on Triton's interpreter (see conftest.py)."""
     if not CUDA:
-        interpret(triton_vision_attention)
-    return triton_vision_attention.vision_attention
+        interpret(triton_flash)
+    return triton_flash.vision_attention
 
 
 def make_qkv(num_images, num_patches, num_heads, head_dim, *, dtype=torch.float32, seed=0):
@@ -175,7 +173,7 @@ def test_redo_flagged_computes_exactly_the_flagged_blocks(kernel, num_patches):
     chosen = [1, 2 * blocks + 3, len(flags) - 1]  # image 0 head 0; image 1 head 0; the last
     flags[chosen] = torch.tensor([1, 7, -2], dtype=torch.int32, device=DEVICE)
 
-    triton_vision_attention.redo_flagged(out, qkv, num_heads, flags, block)
+    triton_flash.redo_flagged(out, qkv, num_heads, flags, block)
 
     written = torch.zeros_like(out, dtype=torch.bool)
     for index in chosen:
@@ -185,11 +183,11 @@ def test_redo_flagged_computes_exactly_the_flagged_blocks(kernel, num_patches):
     torch.testing.assert_close(out[written], expected[written], **FP32_TOLERANCE)
     assert out[~written].isnan().all()
     with pytest.raises(ValueError, match="flags must be int32"):
-        triton_vision_attention.redo_flagged(out, qkv, num_heads, flags[1:], block)
+        triton_flash.redo_flagged(out, qkv, num_heads, flags[1:], block)
     with pytest.raises(ValueError, match="flags must be int32"):
-        triton_vision_attention.redo_flagged(out, qkv, num_heads, flags.long(), block)
+        triton_flash.redo_flagged(out, qkv, num_heads, flags.long(), block)
     with pytest.raises(ValueError, match="out must be"):
-        triton_vision_attention.redo_flagged(out[:, :, 1:], qkv, num_heads, flags, block)
+        triton_flash.redo_flagged(out[:, :, 1:], qkv, num_heads, flags, block)
 
 
 # --- bf16 / fp16 at the tower's shape, and the dispatch ---
@@ -200,7 +198,7 @@ def test_redo_flagged_computes_exactly_the_flagged_blocks(kernel, num_patches):
 def test_kernel_low_precision_at_tower_shape(dtype):
     num_heads, head_dim = 16, 72
     qkv = make_qkv(2, 4096, num_heads, head_dim, dtype=dtype, seed=1)
-    out = triton_vision_attention.vision_attention(qkv, num_heads)
+    out = triton_flash.vision_attention(qkv, num_heads)
     assert out.dtype == dtype and out.shape == (2, 4096, num_heads * head_dim)
     expected = vision_attention_ref(qkv.float(), num_heads)
     # bf16's 8-bit mantissa on outputs of ~0.1: a wrong head or tile is off by ~0.1
@@ -209,13 +207,13 @@ def test_kernel_low_precision_at_tower_shape(dtype):
 
 def _spy(monkeypatch) -> list:
     calls = []
-    real = triton_vision_attention.vision_attention
+    real = triton_flash.vision_attention
 
     def spy(qkv, num_heads, **kwargs):
         calls.append(qkv.dtype)
         return real(qkv, num_heads, **kwargs)
 
-    monkeypatch.setattr(triton_vision_attention, "vision_attention", spy)
+    monkeypatch.setattr(triton_flash, "vision_attention", spy)
     return calls
 
 
@@ -266,24 +264,24 @@ def test_bad_shapes_raise(shape, num_heads, match):
     qkv = torch.randn(*shape)
     with pytest.raises(ValueError, match=match):
         vision_attention_ref(qkv, num_heads)
-    if triton_vision_attention.triton is not None:
+    if triton_flash.triton is not None:
         with pytest.raises(ValueError, match=match):
-            triton_vision_attention.vision_attention(qkv, num_heads)
+            triton_flash.vision_attention(qkv, num_heads)
 
 
 @needs_triton
 def test_bad_layouts_raise():
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
-        triton_vision_attention.vision_attention(torch.ones(1, 4, 48, dtype=torch.int32), 1)
+        triton_flash.vision_attention(torch.ones(1, 4, 48, dtype=torch.int32), 1)
     transposed = torch.randn(1, 48, 4, device=DEVICE).transpose(1, 2)  # last stride 4
     with pytest.raises(ValueError, match="contiguous in its last dimension"):
-        triton_vision_attention.vision_attention(transposed, 1)
+        triton_flash.vision_attention(transposed, 1)
 
 
 @needs_triton
 def test_cpu_tensor_without_interpreter_raises():
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
-        triton_vision_attention.vision_attention(torch.randn(1, 4, 48), 1)
+        triton_flash.vision_attention(torch.randn(1, 4, 48), 1)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 import pytest
 
-from vlm_engine.caches.block_pool import BlockPool, NoFreeBlocksError
-from vlm_engine.caches.prefix_hash import hash_block
+from vlm_engine.scheduler.block_pool import BlockPool, NoFreeBlocksError
+from vlm_engine.scheduler.prefix_hash import hash_block
 
 
 def hashes(n, salt=0):

@@ -16,7 +16,8 @@ import redis
 import torch
 from safetensors.torch import save_file
 
-from vlm_engine.caches.ec_connector import (
+from vlm_engine.errors import CheckpointError
+from vlm_engine.runtime.connectors import (
     CorruptEntryError,
     DiskECConnector,
     ECConnector,
@@ -27,9 +28,8 @@ from vlm_engine.caches.ec_connector import (
     make_connector,
     model_fingerprint,
 )
-from vlm_engine.caches.ec_connector.codec import DIGEST_SIZE
-from vlm_engine.caches.ec_connector.redis import _Backoff
-from vlm_engine.errors import CheckpointError
+from vlm_engine.runtime.connectors.codec import DIGEST_SIZE
+from vlm_engine.runtime.connectors.redis import _Backoff
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(256, 64), (1, 7), (13,), (3, 5, 7), (0, 16), ()]

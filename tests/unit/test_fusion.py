@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from vlm_engine.config import ModelConfig
+from vlm_engine.kernels.attention.metadata import ForwardContext
 from vlm_engine.models.fusion import fuse_linears
 from vlm_engine.models.loader import load_model
-from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.testing import make_tiny_checkpoint
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}

@@ -20,8 +20,8 @@ from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImagePr
 from transformers_reference import as_transformers_input
 
 from vlm_engine.errors import ConfigError, InvalidImageError
-from vlm_engine.vision.image_io import load_image
-from vlm_engine.vision.image_processor import (
+from vlm_engine.frontend.image_io import load_image
+from vlm_engine.frontend.image_processor import (
     Gemma3ImageProcessor,
     ImageProcessorConfig,
     ProcessedImage,

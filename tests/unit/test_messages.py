@@ -8,19 +8,17 @@ import msgpack
 import pytest
 import torch
 
-from vlm_engine.core.engine_core import EngineCoreOutput
 from vlm_engine.core.messages import (
-    MessageError,
     decode_outputs,
     decode_request,
     encode_outputs,
     encode_request,
     pack,
 )
-from vlm_engine.core.request import MultiModalFeature, Request
-from vlm_engine.frontend.prompt import ImagePlaceholder
-from vlm_engine.runtime.forward_context import ImageGroup
 from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.vocab.inputs import ImageGroup, ImagePlaceholder
+from vlm_engine.vocab.protocol import EngineCoreOutput, MessageError
+from vlm_engine.vocab.request import MultiModalFeature, Request
 
 
 def make_request() -> Request:

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image, features
 
 from vlm_engine.errors import InvalidImageError
-from vlm_engine.vision import mm_hash as mm_hash_module
-from vlm_engine.vision.image_processor import ImageProcessorConfig
-from vlm_engine.vision.mm_hash import ImageHasher, image_mm_hash, processor_key
+from vlm_engine.frontend import mm_hash as mm_hash_module
+from vlm_engine.frontend.image_processor import ImageProcessorConfig
+from vlm_engine.frontend.mm_hash import ImageHasher, image_mm_hash, processor_key
 
 MODEL_ID = "google/gemma-3-4b-it"
 CONFIG = ImageProcessorConfig(size=(896, 896))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from vlm_engine.core.engine_core import EngineCoreOutput
 from vlm_engine.frontend.output_processor import IncrementalDetokenizer, OutputProcessor
 from vlm_engine.sampling_params import SamplingParams
 from vlm_engine.testing import make_tiny_checkpoint
+from vlm_engine.vocab.protocol import EngineCoreOutput
 
 pytestmark = pytest.mark.transformers
 

@@ -6,12 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlm_engine.caches import prefix_hash
-from vlm_engine.caches.prefix_hash import block_extra_keys, hash_block, update_block_hashes
-from vlm_engine.core.request import MultiModalFeature, Request
-from vlm_engine.frontend.prompt import ImagePlaceholder
-from vlm_engine.runtime.forward_context import ImageGroup
 from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.scheduler import prefix_hash
+from vlm_engine.scheduler.prefix_hash import block_extra_keys, hash_block, update_block_hashes
+from vlm_engine.vocab.inputs import ImageGroup, ImagePlaceholder
+from vlm_engine.vocab.request import MultiModalFeature, Request
 
 IMAGE_TOKEN = 99
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vlm_engine.caches.processor_cache import ProcessorCache
-from vlm_engine.vision.image_processor import ProcessedImage
+from vlm_engine.frontend.image_processor import ProcessedImage
+from vlm_engine.frontend.processor_cache import ProcessorCache
 
 ENTRY_BYTES = 1 * 3 * 4 * 4 * 4  # one [1, 3, 4, 4] float32 image
 

@@ -11,10 +11,10 @@ from transformers import AutoProcessor
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from vlm_engine.errors import ConfigError
+from vlm_engine.frontend import processor_files
+from vlm_engine.frontend.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
 from vlm_engine.frontend.tokenizer import load_tokenizer
 from vlm_engine.testing.tokenizer import write_tokenizer_files
-from vlm_engine.vision import processor_files
-from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ImageProcessorConfig
 
 pytestmark = pytest.mark.transformers
 

@@ -9,8 +9,9 @@ from vlm_engine.config import ModelConfig
 from vlm_engine.errors import InvalidPromptError
 from vlm_engine.frontend.chat import render_chat, split_messages
 from vlm_engine.frontend.prompt import PromptBuilder
-from vlm_engine.runtime.forward_context import ForwardContext, ImageGroup
+from vlm_engine.kernels.attention.metadata import ForwardContext
 from vlm_engine.testing import make_tiny_checkpoint
+from vlm_engine.vocab.inputs import ImageGroup
 
 pytestmark = pytest.mark.transformers
 

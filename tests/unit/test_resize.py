@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_engine.vision.resize import BICUBIC, BILINEAR, resize_uint8
+from vlm_engine.frontend.resize import BICUBIC, BILINEAR, resize_uint8
 
 FILTERS = [BILINEAR, BICUBIC]
 

@@ -11,13 +11,12 @@ import zlib
 import pytest
 import torch
 
-from vlm_engine.caches.kv_cache_manager import KVCacheManager
-from vlm_engine.core.request import MultiModalFeature, Request, RequestStatus
-from vlm_engine.core.scheduler import Scheduler
 from vlm_engine.engine_config import EngineConfig
-from vlm_engine.frontend.prompt import ImagePlaceholder
-from vlm_engine.runtime.forward_context import ImageGroup
 from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.scheduler.kv_cache_manager import KVCacheManager
+from vlm_engine.scheduler.scheduler import Scheduler
+from vlm_engine.vocab.inputs import ImageGroup, ImagePlaceholder
+from vlm_engine.vocab.request import MultiModalFeature, Request, RequestStatus
 
 BLOCK_SIZE = 4
 EOS = 1

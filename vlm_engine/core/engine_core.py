@@ -11,24 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_engine.caches.ec_connector import ECConnector
-from vlm_engine.caches.kv_cache_manager import KVCacheManager
-from vlm_engine.core.request import Request, RequestStatus
-from vlm_engine.core.scheduler import Scheduler, SchedulerOutput
 from vlm_engine.engine_config import EngineConfig
 from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.runtime.connectors import ECConnector
 from vlm_engine.runtime.model_runner import LaunchedStep, ModelRunner
-
-
-@dataclass
-class EngineCoreOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[list[tuple[int, float, int]]] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int | None = None
-    error: Exception | None = None
+from vlm_engine.scheduler.kv_cache_manager import KVCacheManager
+from vlm_engine.scheduler.scheduler import Scheduler
+from vlm_engine.vocab.protocol import EngineCoreOutput
+from vlm_engine.vocab.request import Request, RequestStatus
+from vlm_engine.vocab.scheduler_output import SchedulerOutput
 
 
 @dataclass

@@ -8,20 +8,17 @@ from pathlib import Path
 
 import torch
 
-from vlm_engine.caches.ec_connector import make_connector, model_fingerprint
 from vlm_engine.config import ModelConfig
 from vlm_engine.core.engine_core import EngineCore
+from vlm_engine.device import resolve_device
 from vlm_engine.engine_config import EngineConfig
+from vlm_engine.frontend.image_processor import load_image_processor
 from vlm_engine.models.loader import load_model
+from vlm_engine.runtime.connectors import make_connector, model_fingerprint
 from vlm_engine.runtime.memory import plan_num_kv_blocks
-from vlm_engine.vision.image_processor import Gemma3ImageProcessor
 
 logger = logging.getLogger("vlm_engine")
 DEFAULT_MAX_MODEL_LEN = 8192
-
-
-def resolve_device(config: EngineConfig) -> torch.device:
-    return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def build_core(checkpoint_dir: Path, config: EngineConfig) -> EngineCore:
@@ -57,18 +54,8 @@ def build_core(checkpoint_dir: Path, config: EngineConfig) -> EngineCore:
     if config.ec_connector:  # entries are keyed by the model's fingerprint
         fingerprint = model_fingerprint(checkpoint_dir, dtype)
         connector = make_connector(config.ec_connector, fingerprint)
-    image_processor = make_image_processor(model_config, checkpoint_dir, config)
+    image_processor = load_image_processor(model_config, checkpoint_dir, config.processor_options)
     to_model_input = image_processor.to_model_input if image_processor is not None else None
     return EngineCore(
         model, config, num_blocks, min(wanted_len, capacity), connector, to_model_input
-    )
-
-
-def make_image_processor(
-    model_config: ModelConfig, checkpoint_dir: Path, config: EngineConfig
-) -> Gemma3ImageProcessor | None:
-    if not model_config.is_multimodal:
-        return None
-    return Gemma3ImageProcessor.from_pretrained(
-        checkpoint_dir, model_config.image_tokens.mm_tokens_per_image, config.processor_options
     )

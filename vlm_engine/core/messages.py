@@ -1,9 +1,9 @@
 """What crosses the boundary between the frontend and an engine core in another process.
 
-A message is a list of frames: its kind (below), a msgpack header with plain values only (ints,
-floats, strings, lists, maps), then one raw frame per tensor (image pixels), which the receiver
-wraps without a copy. Nothing is ever pickled: a malformed message fails to decode with `MessageError` and can
-execute nothing.
+A message is a list of frames: its kind (vocab/protocol.py), a msgpack header with plain values
+only (ints, floats, strings, lists, maps), then one raw frame per tensor (image pixels), which the
+receiver wraps without a copy. Nothing is ever pickled: a malformed message fails to decode with
+`MessageError` and can execute nothing.
 """
 
 from __future__ import annotations
@@ -17,28 +17,14 @@ import msgpack
 import numpy as np
 import torch
 
-from vlm_engine.core.engine_core import EngineCoreOutput
-from vlm_engine.core.request import MultiModalFeature, Request
-from vlm_engine.frontend.prompt import ImagePlaceholder
-from vlm_engine.runtime.forward_context import ImageGroup
 from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.vocab.inputs import ImageGroup, ImagePlaceholder
+from vlm_engine.vocab.protocol import EngineCoreOutput, MessageError
+from vlm_engine.vocab.request import MultiModalFeature, Request
 
 Frames = list[bytes | memoryview]
 
-# The first frame of every message names its kind.
-ADD = b"add"  # frontend -> core: a request (header + pixel frames)
-ABORT = b"abort"  # frontend -> core: {"ids": [...], "status": RequestStatus name}
-CALL = b"call"  # frontend -> core: {"id": n, "method": name}; answered by a REPLY
-SHUTDOWN = b"shutdown"  # frontend -> core: finish and exit
-READY = b"ready"  # core -> frontend: {"max_model_len": n}
-OUTPUTS = b"outputs"  # core -> frontend: one step's outputs
-REPLY = b"reply"  # core -> frontend: {"id": n, "result": value}
-FAILED = b"failed"  # core -> frontend: {"type", "message", "traceback"}; the core exits
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-
-
-class MessageError(ValueError):
-    """A message that does not decode to what its kind promises."""
 
 
 def pack(header: dict[str, Any]) -> bytes:

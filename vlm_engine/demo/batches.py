@@ -18,9 +18,9 @@ from vlm_engine.config import ModelConfig
 from vlm_engine.demo.model import demo_request
 from vlm_engine.demo.shapes import ShapeScene, caption, make_example
 from vlm_engine.frontend.chat import render_chat, split_messages
+from vlm_engine.frontend.image_processor import Gemma3ImageProcessor
 from vlm_engine.frontend.prompt import PromptBuilder
 from vlm_engine.frontend.tokenizer import load_tokenizer
-from vlm_engine.vision.image_processor import Gemma3ImageProcessor
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (transformers' convention)
 IMAGE_SIZES = (96, 256)  # pictures are drawn at a random square size in this range, then resized

@@ -22,9 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vlm_engine.caches.processor_cache import ProcessorCache
 from vlm_engine.config import ModelConfig
-from vlm_engine.core.request import MultiModalFeature, Request
 from vlm_engine.engine_config import EngineConfig
 from vlm_engine.errors import (
     EmptyPromptError,
@@ -39,11 +37,14 @@ from vlm_engine.errors import (
     TooManyImagesError,
 )
 from vlm_engine.frontend.chat import render_chat, split_messages
-from vlm_engine.frontend.prompt import PromptBuilder, PromptInputs
+from vlm_engine.frontend.image_io import load_image
+from vlm_engine.frontend.image_processor import Gemma3ImageProcessor, ProcessedImage
+from vlm_engine.frontend.mm_hash import ImageHasher
+from vlm_engine.frontend.processor_cache import ProcessorCache
+from vlm_engine.frontend.prompt import PromptBuilder
 from vlm_engine.sampling_params import SamplingParams
-from vlm_engine.vision.image_io import load_image
-from vlm_engine.vision.image_processor import Gemma3ImageProcessor, ProcessedImage
-from vlm_engine.vision.mm_hash import ImageHasher
+from vlm_engine.vocab.inputs import PromptInputs
+from vlm_engine.vocab.request import MultiModalFeature, Request
 
 Prompt = str | Mapping[str, Any]
 _PROMPT_KEYS = frozenset(("prompt", "images", "image_uuids"))

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlm_engine.core.engine_core import EngineCoreOutput
 from vlm_engine.outputs import Logprob, RequestMetrics, RequestOutput
 from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.vocab.protocol import EngineCoreOutput
 
 
 class IncrementalDetokenizer:

@@ -12,7 +12,6 @@ user's own newlines.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from vlm_engine.config import ImageTokenConfig
@@ -22,43 +21,10 @@ from vlm_engine.errors import (
     PromptTypeError,
     TooManyImagesError,
 )
-from vlm_engine.runtime.forward_context import ImageGroup
+from vlm_engine.vocab.inputs import ImageGroup, ImagePlaceholder, PromptInputs
 
 _CROPS_INTRO = "Here is the original image "
 _CROPS_MIDDLE = " and here are some crops to help you see better "
-
-
-@dataclass(frozen=True)
-class ImagePlaceholder:
-    """Where one image's embeddings go: its soft-token groups (original, then crops).
-
-    `offset`/`length` cover the first through the last soft token of the image, the text between
-    crops included; the scheduler never splits this range across steps.
-    """
-
-    groups: tuple[ImageGroup, ...]
-
-    @property
-    def offset(self) -> int:
-        return self.groups[0].offset
-
-    @property
-    def length(self) -> int:
-        return self.groups[-1].end - self.offset
-
-    @property
-    def num_embeds(self) -> int:
-        return sum(g.length for g in self.groups)
-
-
-@dataclass(frozen=True)
-class PromptInputs:
-    token_ids: list[int]
-    placeholders: list[ImagePlaceholder]
-
-    @property
-    def image_groups(self) -> list[ImageGroup]:
-        return [g for p in self.placeholders for g in p.groups]
 
 
 class PromptBuilder:

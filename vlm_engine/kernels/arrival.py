@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_engine.kernels.triton_import import jit, tl
+from vlm_engine.kernels.platform import jit, tl
 
 COUNTER_SLOTS = 1 << 16
 

@@ -4,8 +4,8 @@ import torch
 
 from vlm_engine.kernels.kv_store import store_kv
 from vlm_engine.kernels.norm import rms_norm
+from vlm_engine.kernels.platform import runs_on_triton
 from vlm_engine.kernels.rotary import Rotary
-from vlm_engine.kernels.triton_attention import runs_on_triton
 
 
 def norm_rope_store(

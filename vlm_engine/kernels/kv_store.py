@@ -2,7 +2,7 @@
 
 import torch
 
-from vlm_engine.kernels.triton_attention import runs_on_triton
+from vlm_engine.kernels.platform import runs_on_triton
 
 
 def store_kv_ref(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_engine.kernels.activation import gelu_and_mul
-from vlm_engine.kernels.triton_attention import runs_on_triton
+from vlm_engine.kernels.platform import runs_on_triton
 
 SKINNY_MAX_ROWS = 0 if os.environ.get("VLM_ENGINE_SKINNY_LINEAR") == "0" else 4  # <= MAX_ROWS
 

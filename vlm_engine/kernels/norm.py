@@ -4,7 +4,7 @@ the SigLIP tower's LayerNorm, which can add a float32 vector to its input first.
 import torch
 import torch.nn.functional as F
 
-from vlm_engine.kernels.triton_attention import runs_on_triton
+from vlm_engine.kernels.platform import runs_on_triton
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

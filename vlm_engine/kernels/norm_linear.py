@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_engine.kernels.triton_attention import triton_available
-from vlm_engine.kernels.triton_import import cuda_capability
+from vlm_engine.kernels.platform import cuda_capability, triton_available
 
 
 @dataclass(frozen=True)

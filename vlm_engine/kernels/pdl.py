@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from vlm_engine.kernels.triton_import import cuda_capability, jit, tl, triton
+from vlm_engine.kernels.platform import cuda_capability, jit, tl, triton
 
 ENABLED = os.environ.get("VLM_ENGINE_PDL", "1") != "0"
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from vlm_engine.kernels.activation import GATE_UP_GROUP
+from vlm_engine.kernels.gate_up import GATE_UP_GROUP
 from vlm_engine.kernels.pdl import pdl_options, pdl_wait
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

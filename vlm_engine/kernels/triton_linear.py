@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_engine.kernels.activation import GATE_UP_GROUP
 from vlm_engine.kernels.arrival import COUNTER_SLOTS, arrive_last, counter_buffer, reset
+from vlm_engine.kernels.gate_up import GATE_UP_GROUP
 from vlm_engine.kernels.pdl import pdl_options, pdl_wait
+from vlm_engine.kernels.platform import jit, tl, triton
 from vlm_engine.kernels.triton_activation import gelu_tanh_mul
-from vlm_engine.kernels.triton_import import jit, tl, triton
 
 MAX_ROWS = 16  # rows of x the tensor-core kernel takes (the CUDA-core one: 2)
 CUDA_CORE_MAX_ROWS = 2

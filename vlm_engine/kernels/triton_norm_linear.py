@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlm_engine.kernels.triton_import import num_sms
+from vlm_engine.kernels.platform import num_sms
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlm_engine.kernels.activation import interleave_gate_up
+from vlm_engine.kernels.gate_up import interleave_gate_up
 
 
 def fuse_linears(*linears: nn.Linear, interleave: bool = False) -> nn.Linear:

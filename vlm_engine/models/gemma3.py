@@ -13,16 +13,16 @@ from torch import nn
 
 from vlm_engine.config import ModelConfig, TextConfig
 from vlm_engine.errors import InvalidInputError
-from vlm_engine.kernels.activation import GATE_UP_GROUP
-from vlm_engine.kernels.attention import attention
+from vlm_engine.kernels.attention.metadata import ForwardContext
+from vlm_engine.kernels.attention.reference import attention
 from vlm_engine.kernels.attention_inputs import norm_rope_store
+from vlm_engine.kernels.gate_up import GATE_UP_GROUP
 from vlm_engine.kernels.linear import linear
 from vlm_engine.kernels.norm import post_norm_residual_pre_norm, rms_norm
 from vlm_engine.kernels.rotary import Rotary, rope_inv_freq
 from vlm_engine.models.fusion import fuse_linears
-from vlm_engine.runtime.forward_context import ForwardContext
-from vlm_engine.vision.projector import Gemma3MultiModalProjector
-from vlm_engine.vision.siglip import SiglipVisionTower
+from vlm_engine.models.projector import Gemma3MultiModalProjector
+from vlm_engine.models.siglip import SiglipVisionTower
 
 
 class Gemma3RMSNorm(nn.Module):

@@ -17,8 +17,8 @@ import logging
 
 import torch
 
+from vlm_engine.kernels.attention.metadata import ForwardContext
 from vlm_engine.models.gemma3 import Gemma3Model
-from vlm_engine.runtime.forward_context import ForwardContext
 from vlm_engine.runtime.input_batch import PendingIds, fill_pending
 
 logger = logging.getLogger("vlm_engine")

@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-from vlm_engine.caches.ec_connector import ECConnector
-from vlm_engine.core.scheduler import ScheduledChunk
+from vlm_engine.device import to_device
 from vlm_engine.models.gemma3 import Gemma3Model
-from vlm_engine.runtime.input_batch import to_device
+from vlm_engine.runtime.connectors import ECConnector
+from vlm_engine.vocab.scheduler_output import ScheduledChunk
 
 
 class EncoderRunner:

@@ -9,19 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from vlm_engine.frontend.prompt import PromptInputs
+from vlm_engine.kernels.attention.metadata import ForwardContext
 from vlm_engine.models.gemma3 import Gemma3Model
-from vlm_engine.runtime.forward_context import ForwardContext
-
-
-def allocate_kv_caches(model: Gemma3Model, num_blocks: int, block_size: int) -> list[torch.Tensor]:
-    text = model.config.text
-    weight = model.language_model.embed_tokens.weight
-    shape = (2, num_blocks, block_size, text.num_key_value_heads, text.head_dim)
-    return [
-        torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        for _ in range(text.num_hidden_layers)
-    ]
+from vlm_engine.runtime.memory import allocate_kv_caches
+from vlm_engine.vocab.inputs import PromptInputs
 
 
 def chunk_bounds(prompt: PromptInputs, chunk_size: int) -> list[int]:

@@ -16,20 +16,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from vlm_engine.device import pinned
+
 if TYPE_CHECKING:
-    from vlm_engine.core.scheduler import ScheduledChunk
-
-
-def pinned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host tensor the device can copy from asynchronously (plain memory without a GPU)."""
-    return torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU through pinned memory, without blocking the host."""
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    from vlm_engine.vocab.scheduler_output import ScheduledChunk
 
 
 # Where a step's pending input tokens go (token rows on the device; None: the first rows, in

@@ -1,4 +1,4 @@
-"""How many KV-cache blocks to allocate.
+"""How many KV-cache blocks to allocate, and allocating them.
 
 On a GPU the cache takes what is left of `gpu_memory_utilization` of the device after the
 weights and the activation peak of a worst-case step (a full token budget of prefill plus a full
@@ -16,8 +16,8 @@ import torch
 from vlm_engine.config import ModelConfig
 from vlm_engine.engine_config import EngineConfig
 from vlm_engine.errors import ConfigError
+from vlm_engine.kernels.attention.metadata import ForwardContext
 from vlm_engine.models.gemma3 import Gemma3Model
-from vlm_engine.runtime.forward_context import ForwardContext
 
 logger = logging.getLogger("vlm_engine")
 CPU_KV_CACHE_GB = 0.25
@@ -27,6 +27,16 @@ def kv_block_bytes(model_config: ModelConfig, block_size: int, element_size: int
     text = model_config.text
     return (2 * text.num_hidden_layers * block_size * text.num_key_value_heads * text.head_dim
             * element_size)  # fmt: skip
+
+
+def allocate_kv_caches(model: Gemma3Model, num_blocks: int, block_size: int) -> list[torch.Tensor]:
+    text = model.config.text
+    weight = model.language_model.embed_tokens.weight
+    shape = (2, num_blocks, block_size, text.num_key_value_heads, text.head_dim)
+    return [
+        torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        for _ in range(text.num_hidden_layers)
+    ]
 
 
 def plan_num_kv_blocks(

@@ -11,22 +11,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vlm_engine.caches.ec_connector import ECConnector
-from vlm_engine.core.request import Request
-from vlm_engine.core.scheduler import ScheduledChunk, SchedulerOutput
+from vlm_engine.device import to_device
+from vlm_engine.kernels.attention.metadata import ForwardContext
 from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.runtime.connectors import ECConnector
 from vlm_engine.runtime.cuda_graphs import CudaGraphRunner, PrefillGraphRunner
 from vlm_engine.runtime.encoder_runner import EncoderRunner
-from vlm_engine.runtime.forward_context import ForwardContext
-from vlm_engine.runtime.greedy import allocate_kv_caches
 from vlm_engine.runtime.input_batch import (
     BlockTableRows,
     DecodeInputs,
     PendingIds,
     fill_pending,
-    to_device,
 )
+from vlm_engine.runtime.memory import allocate_kv_caches
 from vlm_engine.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
+from vlm_engine.vocab.request import Request
+from vlm_engine.vocab.scheduler_output import ScheduledChunk, SchedulerOutput
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_engine.runtime.input_batch import to_device
+from vlm_engine.device import to_device
 from vlm_engine.sampling_params import SamplingParams
 
 # Rows below this temperature are sampled greedily: the result equals argmax except between
