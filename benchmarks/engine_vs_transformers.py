@@ -111,7 +111,7 @@ def random_image(rng: np.random.Generator) -> Image.Image:
 
 
 def random_words(rng: np.random.Generator, low: int, high: int) -> str:
-    # The first 15 sample words: the vocabulary the figures in docs/benchmarks.md were taken with.
+    # The first 15 sample words: the vocabulary the figures in docs/performance.md were taken with.
     return " ".join(rng.choice(WORDS[:15], int(rng.integers(low, high))))
 
 

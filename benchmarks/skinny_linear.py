@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
-from vlm_engine.kernels import pdl  # noqa: E402
+from vlm_engine import envs  # noqa: E402
 from vlm_engine.kernels.activation import gelu_and_mul  # noqa: E402
 from vlm_engine.kernels.gate_up import GATE_UP_GROUP  # noqa: E402
 from vlm_engine.kernels.linear import skinny_config  # noqa: E402
@@ -138,7 +138,7 @@ def main() -> None:
             theirs = graph_ms(cublas) / LAYERS * 1e3
             timings = []
             for enabled in (False, True):
-                pdl.ENABLED = enabled
+                envs.values.pdl = enabled
                 timings.append(graph_ms(engine) / LAYERS * 1e3)
             label = f"{name} + activation" if act else name
             print(

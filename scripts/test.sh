@@ -15,6 +15,7 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
 fi
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .
+.venv/bin/lint-imports
 .venv/bin/python -c "import transformers; print('pinned transformers:', transformers.__version__)"
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q "$@"
 bash scripts/test_newest_transformers.sh

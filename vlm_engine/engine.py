@@ -345,6 +345,7 @@ class Engine:
             "kv_cache": core.pop("kv_cache"),
             "encoder_cache": core.pop("encoder_cache"),
             "vision_encoder": core.pop("vision_encoder"),
+            "switches": core.pop("switches"),
             "scheduler": core,
             "requests": dict(self._counters),
         }

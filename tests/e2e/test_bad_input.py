@@ -1,6 +1,6 @@
 """Bad input gets a typed error for its request alone, and the engine goes on serving.
 
-Each kind of bad input (issue 6; the catalogue is in bad_inputs.py) is tried on one engine: the
+Each kind of bad input (the catalogue is in bad_inputs.py) is tried on one engine: the
 error is the package's `InvalidInputError` subclass for that problem (a `ValueError`; a
 `TypeError` too when the problem is a type), its message names the request, the image and its
 source, and afterwards nothing is left queued or held and the same engine serves a good batch

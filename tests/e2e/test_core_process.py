@@ -5,6 +5,7 @@ outlives its frontend (closed, interrupted, or killed)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -209,3 +210,31 @@ def test_no_core_outlives_its_host_program(checkpoint, tmp_path, signum):
         host.kill()
         host.wait()
         host.stdout.close()
+
+
+LIGHT_FRONTEND = """
+import json, sys
+from vlm_engine import Engine, SamplingParams
+with Engine(sys.argv[1], device="cpu", dtype="float32", core_process=True) as engine:
+    image = {"prompt": "<start_of_image>What?", "images": [sys.argv[2]]}
+    out = engine.generate(["a b c", image], SamplingParams(max_tokens=3, ignore_eos=True))
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("vlm_engine", "triton"))
+    print(json.dumps({"tokens": [len(o.token_ids) for o in out], "loaded": loaded}))
+"""
+
+
+def test_a_frontend_with_its_core_in_its_own_process_loads_no_kernels(checkpoint, tmp_path):
+    """The frontend process tokenizes, preprocesses images and detokenizes; the model, the
+    runtime, the kernels and triton are the core process's alone."""
+    script, image = tmp_path / "frontend.py", tmp_path / "image.png"
+    script.write_text(LIGHT_FRONTEND)
+    random_image(40, 30, 1).save(image)
+    result = subprocess.run(
+        [sys.executable, str(script), str(checkpoint), str(image)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["tokens"] == [3, 3]
+    heavy = ("vlm_engine.kernels", "vlm_engine.models", "vlm_engine.runtime", "triton")
+    assert [m for m in report["loaded"] if m.startswith(heavy)] == []
+    assert "vlm_engine.frontend.image_processor" in report["loaded"]  # the check sees modules

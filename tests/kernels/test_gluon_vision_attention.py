@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlm_engine import envs
 from vlm_engine.kernels import vision_attention as va
 from vlm_engine.kernels.vision_attention import gluon_hopper as gva
 from vlm_engine.kernels.vision_attention import vision_attention_ref
@@ -128,7 +129,7 @@ def test_supported_shapes():
 def test_matches_float32_attention(
     monkeypatch, fixed_max, dtype, num_images, num_patches, num_heads, head_dim, q_scale
 ):
-    monkeypatch.setattr(gva, "FIXED_MAX", fixed_max)
+    monkeypatch.setattr(envs.values, "vision_fixed_max", fixed_max)
     gen = torch.Generator(device="cuda").manual_seed(num_patches + head_dim)
     width = 3 * num_heads * head_dim
     qkv = torch.randn(num_images, num_patches, width, device="cuda", dtype=dtype, generator=gen)
@@ -165,7 +166,7 @@ def test_rows_that_overflow_the_fixed_maximum_are_computed_again(monkeypatch):
         redo(out, qkv, num_heads, flags, block_m)
 
     monkeypatch.setattr(gva.triton_flash, "redo_flagged", spy)
-    monkeypatch.setattr(gva, "FIXED_MAX", True)
+    monkeypatch.setattr(envs.values, "vision_fixed_max", True)
     out = gva.vision_attention(qkv, num_heads)
 
     flagged = seen[0].nonzero().flatten().tolist()
@@ -184,7 +185,7 @@ def test_dispatch_takes_gluon_on_hopper(monkeypatch, gluon_calls):
     assert gluon_calls == [1]
     va.vision_attention(qkv[:1].contiguous(), 16)  # one image: SDPA (GLUON_MIN_IMAGES)
     assert gluon_calls == [1]
-    monkeypatch.setattr(va, "GLUON_ENABLED", False)
+    monkeypatch.setattr(envs.values, "vision_gluon_attention", False)
     sdpa = va.vision_attention(qkv, 16)
     assert gluon_calls == [1]
     assert (out.float() - sdpa.float()).abs().max().item() < 2e-2
@@ -213,7 +214,7 @@ def test_tower_with_gluon_attention_matches_sdpa(monkeypatch, gluon_calls):
     with torch.inference_mode():
         ours = tower(pixels).float()
         assert gluon_calls == [1, 1]  # one per layer
-        monkeypatch.setattr(va, "GLUON_ENABLED", False)
+        monkeypatch.setattr(envs.values, "vision_gluon_attention", False)
         sdpa = tower(pixels).float()
     assert gluon_calls == [1, 1]
     scale = sdpa.abs().max().item()

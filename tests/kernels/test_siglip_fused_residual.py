@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from vlm_engine import envs  # noqa: E402
 from vlm_engine.config import VisionConfig  # noqa: E402
 from vlm_engine.kernels import norm, triton_norm, triton_norm_linear  # noqa: E402
 from vlm_engine.models import siglip  # noqa: E402
@@ -62,7 +63,7 @@ def make_tower(seed: int) -> siglip.SiglipVisionTower:
 
 
 def run_tower(tower, pixels, monkeypatch, *, fused: bool) -> torch.Tensor:
-    monkeypatch.setattr(siglip, "FUSED_RESIDUAL", fused)
+    monkeypatch.setattr(envs.values, "vision_fused_residual", fused)
     with torch.inference_mode():
         return tower(pixels)
 
@@ -119,7 +120,7 @@ def test_norms_folded_into_fc1_match_the_plain_layers(
     assert len(norm_calls) == CONFIG.num_hidden_layers + 1
     assert stats_calls == [(2 * num_patches, CONFIG.hidden_size)] * CONFIG.num_hidden_layers
     torch.testing.assert_close(folded, plain, **TOLERANCE)
-    monkeypatch.setattr(siglip, "FOLD_NORMS", False)  # the switch for A/B runs
+    monkeypatch.setattr(envs.values, "vision_fold_norms", False)  # the switch for A/B runs
     norm_calls.clear()
     torch.testing.assert_close(
         run_tower(tower, pixels, monkeypatch, fused=True), plain, **TOLERANCE
@@ -132,10 +133,10 @@ def test_fused_encoder_adds_the_biases_it_left_out(norm_calls, monkeypatch):
     tower = make_tower(seed=5)
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(2, 16, CONFIG.hidden_size, generator=gen).to(DEVICE)
-    monkeypatch.setattr(siglip, "FUSED_RESIDUAL", False)
+    monkeypatch.setattr(envs.values, "vision_fused_residual", False)
     with torch.inference_mode():
         plain = tower.encoder(x.clone())
-    monkeypatch.setattr(siglip, "FUSED_RESIDUAL", True)
+    monkeypatch.setattr(envs.values, "vision_fused_residual", True)
     with torch.inference_mode():
         fused = tower.encoder(x.clone())
     assert len(norm_calls) == 2 * CONFIG.num_hidden_layers
@@ -157,7 +158,7 @@ def test_fused_residual_leaves_the_weights_as_they_were(norm_calls, monkeypatch)
 
 def test_layers_keep_autograd_where_gradients_are_wanted(norm_calls, monkeypatch):
     # The LayerNorm kernel has no backward: with trainable weights the plain modules run.
-    monkeypatch.setattr(siglip, "FUSED_RESIDUAL", True)
+    monkeypatch.setattr(envs.values, "vision_fused_residual", True)
     tower = make_tower(seed=4).requires_grad_(True)
     pixels = torch.randn(1, 3, CONFIG.image_size, CONFIG.image_size, device=DEVICE)
     tower(pixels).sum().backward()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlm_engine import envs
 from vlm_engine.kernels import vision_attention
 from vlm_engine.kernels.vision_attention import triton_flash, vision_attention_ref
 from vlm_engine.kernels.vision_attention.triton_flash import VisionAttentionConfig, split_head_dim
@@ -221,7 +222,7 @@ def _spy(monkeypatch) -> list:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dispatch_takes_kernel_on_gpu_when_enabled(monkeypatch, dtype):
     calls = _spy(monkeypatch)
-    monkeypatch.setattr(vision_attention, "ENABLED", True)  # opt-in: slower than cuDNN on H100
+    monkeypatch.setattr(envs.values, "vision_triton_attention", True)  # opt-in
     qkv = make_qkv(2, 256, 4, 72, dtype=dtype, seed=2)
     out = vision_attention.vision_attention(qkv, 4)
     assert calls == [dtype]
@@ -232,9 +233,9 @@ def test_dispatch_takes_kernel_on_gpu_when_enabled(monkeypatch, dtype):
 @needs_cuda
 def test_dispatch_keeps_reference_for_float32_and_when_disabled(monkeypatch):
     calls = _spy(monkeypatch)
-    monkeypatch.setattr(vision_attention, "ENABLED", True)
+    monkeypatch.setattr(envs.values, "vision_triton_attention", True)
     vision_attention.vision_attention(make_qkv(1, 64, 2, 72), 2)
-    monkeypatch.setattr(vision_attention, "ENABLED", False)
+    monkeypatch.setattr(envs.values, "vision_triton_attention", False)
     vision_attention.vision_attention(make_qkv(1, 64, 2, 72, dtype=torch.bfloat16), 2)
     assert calls == []
 

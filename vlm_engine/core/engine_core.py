@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_engine import envs
 from vlm_engine.engine_config import EngineConfig
 from vlm_engine.models.gemma3 import Gemma3Model
 from vlm_engine.runtime.connectors import ECConnector
@@ -189,6 +190,7 @@ class EngineCore:
         steps = max(self.num_steps, 1)
         seconds = {**self.step_seconds, "prepare_inputs": self.runner.prepare_seconds}
         stats["step_time_ms"] = {k: v / steps * 1e3 for k, v in seconds.items()}
+        stats["switches"] = envs.values.by_variable()  # of the process the kernels run in
         return stats
 
     def close(self) -> None:

@@ -4,27 +4,32 @@ A decode step of up to `SKINNY_MAX_ROWS` tokens takes the Triton kernels of `tri
 which stream the weights at a higher share of the memory bandwidth than cuBLAS at that size, can
 be launched before the kernel ahead of them finishes (PDL), and apply the MLP's activation in
 the gate/up projection's epilogue. Larger steps are compute-bound GEMMs and stay on cuBLAS.
-`SKINNY_MAX_ROWS` (environment: VLM_ENGINE_SKINNY_LINEAR=0 sends every step to cuBLAS, for A/B
-measurements) is the largest step that takes the Triton kernel.
+VLM_ENGINE_SKINNY_LINEAR=0 (vlm_engine/envs.py) sends every step to cuBLAS.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_engine import envs
 from vlm_engine.kernels.activation import gelu_and_mul
 from vlm_engine.kernels.platform import runs_on_triton
 
-SKINNY_MAX_ROWS = 0 if os.environ.get("VLM_ENGINE_SKINNY_LINEAR") == "0" else 4  # <= MAX_ROWS
+SKINNY_MAX_ROWS = 4  # the largest step that takes the Triton kernels (<= triton_linear.MAX_ROWS)
 
 
 def _takes_skinny(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return bias is None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and runs_on_triton(x)
+    return (
+        bias is None
+        and x.dim() == 2
+        and x.shape[0] <= SKINNY_MAX_ROWS
+        and envs.values.skinny_linear
+        and runs_on_triton(x)
+    )
 
 
 def linear(x: torch.Tensor, layer: nn.Module, act: str | None = None) -> torch.Tensor:
@@ -47,7 +52,7 @@ def skinny_config(weight: torch.Tensor, num_rows: int):
 @functools.cache
 def _skinny_config(n: int, k: int, num_rows: int):
     """Tiles for [num_rows, k] @ [n, k].T: the fastest of a sweep on an H100 for the Gemma3-4B
-    projections (docs/benchmarks.md; benchmarks/skinny_linear.py times them).
+    projections (benchmarks/skinny_linear.py --sweep times them).
 
     One row (CUDA cores): 1024-wide K tiles, the down projection (long K, narrow N) split in
     two for enough programs; the o projection (K 2048) in one 8 x 2048 tile per program; gate/up

@@ -15,19 +15,16 @@ stream, a step's metadata), never what kernel N writes. Its completion implies t
 all earlier kernels. Kernels that are not launched with PDL (torch's own, cuBLAS) wait for the
 previous kernel as usual.
 
-`ENABLED` (environment: VLM_ENGINE_PDL=0 turns it off, for A/B measurements) is read when a
-kernel launches; set it before the first launch, since CUDA graphs keep what they captured.
+The switch VLM_ENGINE_PDL (vlm_engine/envs.py) is read when a kernel launches; CUDA graphs keep
+what they captured.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from vlm_engine import envs
 from vlm_engine.kernels.platform import cuda_capability, jit, tl, triton
-
-ENABLED = os.environ.get("VLM_ENGINE_PDL", "1") != "0"
 
 
 @jit
@@ -40,7 +37,7 @@ def pdl_wait(USE_PDL: tl.constexpr):
 
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL: a Hopper-or-later GPU, compiled kernels."""
-    if not ENABLED or triton is None or device.type != "cuda":
+    if not envs.values.pdl or triton is None or device.type != "cuda":
         return False
     if not isinstance(pdl_wait, triton.runtime.JITFunction):  # the interpreter
         return False

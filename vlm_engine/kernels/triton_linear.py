@@ -14,7 +14,7 @@ or two rows of x: a decode step at batch 1), `skinny_linear_dot_kernel` on tenso
 padded to 16 rows and the W loads pipelined (up to MAX_ROWS rows). Both can also
 - apply the MLP's activation in their epilogue (`act="gelu_mul"`): W is a fused gate/up
   projection whose rows alternate ACT_GROUP gate rows and ACT_GROUP up rows
-  (kernels/activation.py), so a program holds matching gate and up columns and writes
+  (kernels/gate_up.py), so a program holds matching gate and up columns and writes
   `gelu_tanh(gate) * up`, rounded where the unfused modules round: no activation kernel;
 - start while the kernel before them still runs (programmatic dependent launch, kernels/pdl.py):
   the CUDA-core kernel issues its first weight loads before it waits.

@@ -13,8 +13,8 @@ from torch import nn
 
 from vlm_engine.config import ModelConfig, TextConfig
 from vlm_engine.errors import InvalidInputError
+from vlm_engine.kernels.attention import attention
 from vlm_engine.kernels.attention.metadata import ForwardContext
-from vlm_engine.kernels.attention.reference import attention
 from vlm_engine.kernels.attention_inputs import norm_rope_store
 from vlm_engine.kernels.gate_up import GATE_UP_GROUP
 from vlm_engine.kernels.linear import linear

@@ -5,25 +5,24 @@ projections that close each sublayer (out_proj, fc2): those projections' GEMMs a
 stream (addmm_ with beta = 1, no bias), and each LayerNorm kernel adds the running sum of the
 biases left out so far, in float32, to the row it reads. That saves the two residual adds' passes
 over [tokens, hidden] and the norms' write-back of a biased stream; the sums round in another
-order than `x + f(x)` does. `FUSED_RESIDUAL` (environment: VLM_ENGINE_VISION_FUSED_RESIDUAL=0
-turns it off, for A/B measurements) is read at each call.
+order than `x + f(x)` does. The switch VLM_ENGINE_VISION_FUSED_RESIDUAL (vlm_engine/envs.py) is
+read at each call.
 
 On a Hopper GPU in bf16/fp16 the second norm of each layer is also folded into fc1
 (kernels/norm_linear.py): a pass that only reads the stream for each row's statistics, then one
 GEMM that applies the norm in its epilogue with the bias and GELU, instead of the norm writing a
 normalized copy for cuBLAS to read. `fuse_projections` builds the folded weights (gamma-scaled
 fc1 weights: 268 MB for so400m in bf16, kept beside the originals, which the other paths use);
-`FOLD_NORMS` (VLM_ENGINE_VISION_FOLD_NORMS=0 turns it off) is read at each call.
+the switch VLM_ENGINE_VISION_FOLD_NORMS is read at each call.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_engine import envs
 from vlm_engine.config import VisionConfig
 from vlm_engine.kernels.norm import layer_norm
 from vlm_engine.kernels.norm_linear import (
@@ -35,9 +34,6 @@ from vlm_engine.kernels.norm_linear import (
 from vlm_engine.kernels.platform import runs_on_triton
 from vlm_engine.kernels.vision_attention import vision_attention
 from vlm_engine.models.fusion import fuse_linears
-
-FUSED_RESIDUAL = os.environ.get("VLM_ENGINE_VISION_FUSED_RESIDUAL", "1") != "0"
-FOLD_NORMS = os.environ.get("VLM_ENGINE_VISION_FOLD_NORMS", "1") != "0"
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -167,7 +163,7 @@ class SiglipEncoderLayer(nn.Module):
 
 def _fuses_residual(x: torch.Tensor) -> bool:
     # The LayerNorm kernel has no backward: where gradients are wanted, the plain modules run.
-    return FUSED_RESIDUAL and runs_on_triton(x) and not x.requires_grad
+    return envs.values.vision_fused_residual and runs_on_triton(x) and not x.requires_grad
 
 
 def _bias_sums(layers) -> torch.Tensor:
@@ -221,7 +217,7 @@ class SiglipEncoder(nn.Module):
     def _folds(self, x: torch.Tensor) -> bool:
         folded = self.layers[0].folded_fc1 if len(self.layers) else None
         return (
-            FOLD_NORMS
+            envs.values.vision_fold_norms
             and folded is not None
             and folded.weight.device == x.device
             and folded.weight.dtype == x.dtype

@@ -5,7 +5,8 @@ A step of either kind runs the same kernels every time, only on other data: the 
 smallest captured size that fits is replayed after the step's inputs are copied into its static
 buffers. Every kernel takes its sizes from device tensors (the attention kernel's grid depends
 on the padded shape only), so one graph serves any context length and any image layout.
-Padding rows write no KV (slot -1); their outputs are never read. A single-sequence graph starts
+The attention backend owns the graphs' metadata buffers and fills them, padding rows included
+(no KV write, slot -1); padding rows' outputs are never read. A single-sequence graph starts
 from the input embeddings (image rows already placed) and returns the logits of the last real
 token. Steps with several sequences of which some prefill, or larger ones, run eagerly.
 """
@@ -17,6 +18,7 @@ import logging
 
 import torch
 
+from vlm_engine.kernels.attention.backends import attention_backend
 from vlm_engine.kernels.attention.metadata import ForwardContext
 from vlm_engine.models.gemma3 import Gemma3Model
 from vlm_engine.runtime.input_batch import PendingIds, fill_pending
@@ -35,12 +37,6 @@ def prefill_sizes(max_tokens: int) -> list[int]:
     sizes = [s for s in range(16, 257, 16) if s < max_tokens]
     sizes += [s for s in range(320, max_tokens, 64)]
     return [*sizes, max_tokens]
-
-
-def _token_buffers(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """A graph's per-token inputs, filled as padding: positions 0, kv_limits 1, slot -1 (no KV)."""
-    longs = dict(dtype=torch.int64, device=device)
-    return torch.zeros(n, **longs), torch.ones(n, **longs), torch.full((n,), -1, **longs)
 
 
 def _capture(forward, sizes: list[int]) -> tuple[dict, dict]:
@@ -66,16 +62,11 @@ class CudaGraphRunner:
         max_blocks_per_seq: int,
     ):
         self.model = model
-        self.kv_caches = kv_caches
         self.sizes = capture_sizes(max_batch)
         device = model.language_model.embed_tokens.weight.device
-        longs = dict(dtype=torch.int64, device=device)
-        ints = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(max_batch, **longs)
-        self.positions, self.kv_limits, self.slot_mapping = _token_buffers(max_batch, device)
-        self.seq_lens = torch.ones(max_batch, **ints)
-        self.query_start_loc = torch.arange(max_batch + 1, **ints)
-        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, **ints)
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        backend = attention_backend(device)
+        self.attention = backend.decode_graph_inputs(max_batch, max_blocks_per_seq, kv_caches)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.num_replays = 0
@@ -86,17 +77,11 @@ class CudaGraphRunner:
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.sizes), self.sizes)
 
     def _forward(self, size: int) -> torch.Tensor:
-        ctx = ForwardContext(
-            positions=self.positions[:size], kv_limits=self.kv_limits[:size],
-            query_start_loc=self.query_start_loc[: size + 1], seq_lens=self.seq_lens[:size],
-            query_lens_cpu=[1] * size, seq_lens_cpu=[], slot_mapping=self.slot_mapping[:size],
-            block_tables=self.block_tables[:size], kv_caches=self.kv_caches, max_query_len=1,
-        )  # fmt: skip
-        hidden = self.model(self.input_ids[:size], ctx)
+        hidden = self.model(self.input_ids[:size], self.attention.context(size))
         return self.model.compute_logits(hidden)
 
     def fits(self, num_seqs: int, num_blocks: int) -> bool:
-        return num_seqs <= self.sizes[-1] and num_blocks <= self.block_tables.shape[1]
+        return num_seqs <= self.sizes[-1] and num_blocks <= self.attention.max_blocks
 
     def run(
         self,
@@ -114,17 +99,7 @@ class CudaGraphRunner:
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         fill_pending(self.input_ids, pending)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
-        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
-        self.kv_limits[:n].copy_(self.seq_lens[:n])  # a decode token sees keys < its seq_len
-        self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
-        if size > n:  # padding rows: no KV write, a one-token context at slot 0
-            self.slot_mapping[n:size].fill_(-1)
-            self.seq_lens[n:size].fill_(1)
-            self.kv_limits[n:size].fill_(1)
-            self.positions[n:size].zero_()
-            self.block_tables[n:size].zero_()
+        self.attention.fill(size, positions, slot_mapping, block_tables, seq_lens)
         self.graphs[size].replay()
         self.num_replays += 1
         return self.logits[size][:n]
@@ -137,21 +112,14 @@ class PrefillGraphRunner:
         self, model: Gemma3Model, kv_caches: list[torch.Tensor], max_tokens: int, max_blocks: int
     ):
         self.model = model
-        self.kv_caches = kv_caches
         self.sizes = prefill_sizes(max_tokens)
         weight = model.language_model.embed_tokens.weight
-        longs = dict(dtype=torch.int64, device=weight.device)
-        ints = dict(dtype=torch.int32, device=weight.device)
         self.embeds = torch.zeros(
             max_tokens, weight.shape[1], dtype=weight.dtype, device=weight.device
         )
-        self.positions, self.kv_limits, self.slot_mapping = _token_buffers(
-            max_tokens, weight.device
-        )
-        self.query_start_loc = torch.tensor([0, 1], **ints)
-        self.seq_lens = torch.ones(1, **ints)
-        self.block_tables = torch.zeros(1, max_blocks, **ints)
-        self.last = torch.zeros(1, **longs)  # row of the last real token
+        backend = attention_backend(weight.device)
+        self.attention = backend.prefill_graph_inputs(max_tokens, max_blocks, kv_caches)
+        self.last = torch.zeros(1, dtype=torch.int64, device=weight.device)  # last real token
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.num_replays = 0
@@ -166,17 +134,11 @@ class PrefillGraphRunner:
         )
 
     def _forward(self, size: int) -> torch.Tensor:
-        ctx = ForwardContext(
-            positions=self.positions[:size], kv_limits=self.kv_limits[:size],
-            query_start_loc=self.query_start_loc, seq_lens=self.seq_lens, query_lens_cpu=[size],
-            seq_lens_cpu=[size], slot_mapping=self.slot_mapping[:size],
-            block_tables=self.block_tables, kv_caches=self.kv_caches, max_query_len=size,
-        )  # fmt: skip
-        hidden = self.model.language_model(self.embeds[:size], ctx)
+        hidden = self.model.language_model(self.embeds[:size], self.attention.context(size))
         return self.model.compute_logits(hidden[self.last])
 
     def fits(self, num_tokens: int, num_blocks: int) -> bool:
-        return num_tokens <= self.sizes[-1] and num_blocks <= self.block_tables.shape[1]
+        return num_tokens <= self.sizes[-1] and num_blocks <= self.attention.max_blocks
 
     def run(self, embeds: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """One sequence's chunk: embeddings [T, hidden] and its context (built for that single
@@ -184,13 +146,7 @@ class PrefillGraphRunner:
         n = embeds.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.embeds[:n].copy_(embeds)
-        self.positions[:n].copy_(ctx.positions)
-        self.kv_limits[:n].copy_(ctx.kv_limits)
-        self.slot_mapping[:n].copy_(ctx.slot_mapping)
-        self.slot_mapping[n:size].fill_(-1)  # padding rows: no KV write
-        self.query_start_loc.copy_(ctx.query_start_loc)
-        self.seq_lens.copy_(ctx.seq_lens)
-        self.block_tables[:, : ctx.block_tables.shape[1]].copy_(ctx.block_tables)
+        self.attention.fill(ctx, size)
         self.last.fill_(n - 1)
         self.graphs[size].replay()
         self.num_replays += 1

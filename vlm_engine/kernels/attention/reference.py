@@ -1,7 +1,7 @@
 """Attention over a flat batch of sequences: causal, sliding window, bidirectional image groups.
 
 `attention_ref` is the plain torch reference (and the CPU path): it loops over sequences and
-builds each one's mask from the bounds in the ForwardContext (see runtime/forward_context.py).
+builds each one's mask from the bounds in the ForwardContext (kernels/attention/metadata.py).
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 
 from vlm_engine.kernels.attention.metadata import DecodeBatch, ForwardContext
-from vlm_engine.kernels.attention.triton_paged import paged_attention
-from vlm_engine.kernels.platform import runs_on_triton
 
 
 def gather_kv_ref(
@@ -107,22 +105,3 @@ def decode_attention_ref(
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.einsum("skgl,slkd->skgd", probs, values).reshape(num_seqs, num_heads, dim)
-
-
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    ctx: ForwardContext,
-    layer_idx: int,
-    scale: float,
-    window: int | None,
-) -> torch.Tensor:
-    """The Triton kernel over the paged cache on a GPU; the torch reference otherwise (and for
-    cache-less full-sequence passes)."""
-    if ctx.uses_kv_cache and runs_on_triton(query):
-        return paged_attention(
-            query, ctx.kv_caches[layer_idx], ctx.block_tables, ctx.seq_lens,
-            ctx.query_start_loc, ctx.positions, ctx.kv_limits, scale, window, ctx.max_query_len,
-        )  # fmt: skip
-    return attention_ref(query, key, value, ctx, layer_idx, scale, window)

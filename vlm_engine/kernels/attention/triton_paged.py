@@ -1,5 +1,5 @@
 """Paged attention over a mixed prefill/decode step: one Triton kernel, same contract as
-`attention_ref` with a paged cache (kernels/attention.py, runtime/forward_context.py).
+`attention_ref` with a paged cache (reference.py; the step's bounds in metadata.py).
 
 Query token t at position p sees key k when `k < kv_limits[t]` and, on sliding layers,
 `k > p - window`; that one rule covers causal, sliding window, prefix-cached context and
@@ -21,13 +21,13 @@ Work decomposition
   between the lowest key any of its rows may see (window bound of its smallest position) and
   the largest kv_limit of its rows; keys outside that range are never read, even inside a
   visited tile (blocks that slid out of a window may hold anything).
-- Split KV for small decode batches (kernels/split_kv.py): with few sequences the (S, kv_heads) grid leaves most SMs
-  idle while each program walks the whole context. A decode step may then add a third grid axis
-  of NUM_SPLITS programs per (sequence, KV head), each taking an equal share of the tiles to
-  visit, writing its unnormalized output and softmax statistics (running max, sum) to float32
-  scratch; the last split program of a (sequence, KV head) to finish combines them
-  (kernels/arrival.py). The split count depends only on
-  the batch size and the device, so each CUDA graph captures a fixed one.
+- Split KV for small decode batches (split_kv.py): with few sequences the (S, kv_heads) grid
+  leaves most SMs idle while each program walks the whole context. A decode step may then add a
+  third grid axis of NUM_SPLITS programs per (sequence, KV head), each taking an equal share of
+  the tiles to visit, writing its unnormalized output and softmax statistics (running max, sum)
+  to float32 scratch; the last split program of a (sequence, KV head) to finish combines them
+  (kernels/arrival.py). The split count depends only on the batch size and the device, so each
+  CUDA graph captures a fixed one.
 - Online softmax in float32 with exp2 and a log2(e)-scaled scale.
 """
 
@@ -225,8 +225,7 @@ def default_tile_config(head_dim: int, decode_only: bool, num_splits: int = 1) -
     # Starting points for Hopper; head_dim 256 keeps the fp32 accumulator in registers.
     if decode_only:  # one query token per program: bandwidth bound, pipeline the K/V loads
         # Split KV (small batches) leaves each program a tile or two: a shallower pipeline has
-        # less to fill (H100, Gemma3-4B at batch 1: 3.45 against 3.48 ms/token with 3 stages;
-        # 64-key tiles 3.64, 16-key 3.51, 8 warps 3.55).
+        # less to fill (docs/kernels.md has the sweep).
         stages = 2 if num_splits > 1 else 3
         return TileConfig(block_m=16, block_n=64 if head_dim <= 128 else 32, num_stages=stages)
     if head_dim <= 128:

@@ -6,8 +6,8 @@ fused projection's output (q, k, v, each head-major, contiguous). Out: [N, P, H 
 the out projection reads.
 
 Why: cuDNN's SDPA computes head_dim 72 (SigLIP-so400m) as 128, and the Triton kernel
-(triton_flash.py) cannot overlap its softmax with its matrix products on Hopper. This
-kernel computes 72 as 64 + 16 and keeps the tensor cores fed from a separate loading warp.
+(triton_flash.py) cannot overlap its softmax with its matrix products on Hopper. This kernel
+computes 72 as 64 + a tail and keeps the tensor cores fed from a separate loading warp.
 
 Work decomposition
 - A program owns one (image, head) and 2 * BLOCK_M query patches: two consumer warpgroups of
@@ -22,58 +22,44 @@ Work decomposition
   64..79 of a 72-wide head) reads past the last dimension, which TMA fills with zeros: the tail
   adds nothing to the scores. No copy, no padding in memory. The value tail is exactly D - 64
   wide (8 at D = 72): the second product's N may be any multiple of 8, where the scores' K step
-  is 16. Alone the kernel times the same either way; inside the tower, which runs at the GPU's
-  power cap, the narrower product took the tower from 88.9 to 91.7 images/s (batch 32).
+  is 16, and the narrower product costs less power, which the tower (at the GPU's power cap)
+  turns into speed.
 - A consumer, per key tile j: issue S_j = q k_j^T (main + tail) and the products of P_{j-1}
   as asynchronous warpgroup MMAs; wait for S_j only; the softmax of S_j (float32, exp2 with the
   scale and log2(e) folded into one FMA); wait for the products; release stage j-1. P goes to
   the products from registers, in bf16/fp16.
-- bf16 (`FIXED_MAX`, the default): no running maximum. The first key tile's row maxima m stay
-  every tile's reference, P_j = exp2(S_j * scale - m), and the row sums come from one more
-  product, P_{j-1} @ ones (an 8-wide ones tile in shared memory, the value tail's shape): no
-  row max, no O rescale and no row adds per tile, which leaves the softmax an FMA, an exp2 and
-  half a conversion per score. The result is the same softmax, scaled: P may exceed 1 (by
-  2^(later maximum - m)) but bf16 has float32's exponent range, and numerator and denominator
-  both sum the same rounded bf16 P, so a dominant key's rounding cancels (with row sums of the
-  unrounded float32 P instead, the max error doubled on sharp softmaxes). m is never above the
-  row's true maximum, so small scores underflow no sooner than with the online maximum. Only a
-  row with a score ~127 above m (log2 units; ~88 in the logits' own), or whose sums pass
-  float32's range, overflows: the epilogue checks each row's sum and output, flags a 128-row
-  block with a row that is not finite, and `triton_flash.redo_flagged` computes the
-  flagged blocks again with the online maximum (with nothing flagged, its programs read the
-  flags and return; nothing waits on the host). float16 keeps the online maximum: its range
-  (2^16) would overflow on ordinary inputs.
-  At [32, 16, 4096, 72] on an H100: 4.8 ms against 5.8-6.0 with the online maximum; the tower
-  (batch 32) 96-98 images/s against 88-91 (docs/benchmarks.md).
-- Requirements (`supported`): a compute capability 9.x GPU, bf16/fp16, 64 < D <= 80 with D a
-  multiple of 8 (TMA strides are 16-byte aligned), P a multiple of 2 * BLOCK_M and of BLOCK_N
-  with at least STAGES key tiles, contiguous qkv. Otherwise `vision_attention` takes SDPA.
 
-History (docs/benchmarks.md). With the online maximum the kernel took 6.0-6.2 ms against 6.7-7.0
-ms for SDPA and its output copy. Tried and slower or no better: 64-row consumers with 128-key
-tiles, 2 or 4 stages, the two consumers taking strict turns on the tensor cores (ping-pong; the
-turn handed over when the products are issued, or when they are done), the products issued one K
-step at a time so that the 64-row halves' MMAs alternate (0.3-0.9% in the tower, within its
-noise), one 8-warp program issuing its own loads (no warp specialization), q held in registers,
-the next score tile issued before the softmax (two in flight, 64-row consumers), part of the
-exponentials as a cubic on the FMA pipe, the row sums from a product against ones beside the
-online maximum, q's and v's biases applied here (k's cancel in the softmax) so that the q/k/v
-GEMM runs without its bias epilogue, O's rescale skipped while no row's maximum grows by more
-than 2^8 (a warpgroup-wide max per tile), P packed to bf16 by integer adds and byte permutes
-instead of conversions, and keeping the softmax between the two MMA waits in the SASS (ptxas
-hoists the second wait and the stage release above the softmax; a branch between them stops
-that, and changed nothing). The profile that led to the fixed reference: without the softmax
-the kernel took 4.1-4.3 ms, without the products 2.4-2.5 ms, and each consumer's phases were
-bound by the latency of its own instruction stream, so fewer instructions per score was the way.
+The softmax in bf16 (switch VLM_ENGINE_VISION_FIXED_MAX, vlm_engine/envs.py; on by default)
+- Each consumer's phases are bound by the latency of its own instruction stream, so the softmax
+  does as little per score as it can: no running maximum. The first key tile's row maxima m stay
+  every tile's reference, P_j = exp2(S_j * scale - m), and the row sums come from one more
+  product, P_{j-1} @ ones (an 8-wide ones tile in shared memory, the value tail's shape): no row
+  max, no O rescale and no row adds per tile, which leaves an FMA, an exp2 and half a conversion
+  per score.
+- Why it is still exact softmax: P may exceed 1 (by 2^(later maximum - m)), but bf16 has
+  float32's exponent range; numerator and denominator both sum the same rounded bf16 P, so a
+  dominant key's rounding cancels; m is never above the row's true maximum, so small scores
+  underflow no sooner than with the online maximum.
+- Overflow: only a row with a score ~127 above m (log2 units; ~88 in the logits' own), or whose
+  sums pass float32's range, overflows. The epilogue checks each row's sum and output and flags
+  a 128-row block with a row that is not finite; `triton_flash.redo_flagged` computes the
+  flagged blocks again with the online maximum (with nothing flagged, its programs read the
+  flags and return; nothing waits on the host).
+- float16 keeps the online maximum: its range (2^16) would overflow on ordinary inputs.
+
+Requirements (`supported`): a compute capability 9.x GPU, bf16/fp16, 64 < D <= 80 with D a
+multiple of 8 (TMA strides are 16-byte aligned), P a multiple of 2 * BLOCK_M and of BLOCK_N with
+at least STAGES key tiles, contiguous qkv. Otherwise `vision_attention` takes SDPA. The variants
+measured against this design are in docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from vlm_engine import envs
 from vlm_engine.kernels.platform import cuda_capability
 from vlm_engine.kernels.vision_attention import triton_flash
 
@@ -98,9 +84,6 @@ BLOCK_N = 64  # keys per tile
 STAGES = 3
 PRODUCER_REGISTERS = 24
 CONSUMER_REGISTERS = 240
-# bf16: the first key tile's row maxima as every tile's reference, row sums on the tensor cores
-# (module docstring). Read at each call; VLM_ENGINE_VISION_FIXED_MAX=0 turns it off.
-FIXED_MAX = os.environ.get("VLM_ENGINE_VISION_FIXED_MAX", "1") != "0"
 
 if gluon is not None:
     TAIL = gl.constexpr(TAIL_WIDTH)
@@ -363,7 +346,7 @@ def vision_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     num_images, num_patches, width = qkv.shape
     head_dim = width // (3 * num_heads)
     out = qkv.new_empty(num_images, num_patches, num_heads * head_dim)
-    fixed_max = FIXED_MAX and qkv.dtype == torch.bfloat16
+    fixed_max = envs.values.vision_fixed_max and qkv.dtype == torch.bfloat16
     # every consumer writes its flag when fixed_max; nothing reads them otherwise
     flags = torch.empty(
         num_images * num_heads * (num_patches // BLOCK_M), dtype=torch.int32, device=qkv.device

@@ -27,7 +27,7 @@ Work decomposition
   the input dtype for the P @ V product. float32 inputs multiply in IEEE float32, not TF32.
 - K is needed as [D, BLOCK_N] for the score product: `load_k_transposed` reads it in that shape
   straight from memory, otherwise it is read as [BLOCK_N, D] rows and transposed with tl.trans
-  (what Triton's Hopper attention tutorial does). Which is faster is left to the benchmark.
+  (what Triton's Hopper attention tutorial does); the launch config says which.
 - `max_registers` caps registers per thread (ptxas .maxnreg) so that more programs fit on an
   SM: 128 lets two 8-warp programs share one, overlapping one's softmax with the other's MMAs.
 - `redo_flagged` runs the same computation for a list of query blocks given as device-side
@@ -280,10 +280,8 @@ class VisionAttentionConfig:
             raise ValueError(f"max_registers must be None or 24..255, got {self.max_registers}")
 
 
-# The Hopper (sm_90, H100) launch shape for the tower's long sequences: benchmarks/
-# vision_attention.py sweeps the candidates; put the winner here. Untuned until then.
-# The fastest of benchmarks/vision_attention.py's sweep on an H100 (2026-11-23, triton 3.6):
-# 6.80 ms for [32 images, 16 heads, 4096 patches, 72], cuDNN's SDPA 6.66 ms (docs/benchmarks.md).
+# The Hopper (sm_90) launch shape for the tower's long sequences: the fastest of
+# benchmarks/vision_attention.py's sweep on an H100.
 HOPPER_CONFIG = VisionAttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
 # Everything else with at least 1024 patches (other GPUs, untuned).
 LONG_CONFIG = VisionAttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
