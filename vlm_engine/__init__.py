@@ -14,6 +14,7 @@ _EXPORTS = {
     "Engine": "vlm_engine.engine",
     "EngineConfig": "vlm_engine.engine_config",
     "ModelConfig": "vlm_engine.config",
+    "CompletionOutput": "vlm_engine.outputs",
     "Logprob": "vlm_engine.outputs",
     "RequestMetrics": "vlm_engine.outputs",
     "RequestOutput": "vlm_engine.outputs",
@@ -31,6 +32,7 @@ _EXPORTS = {
 __all__ = [
     "AsyncEngine",
     "CheckpointError",
+    "CompletionOutput",
     "ConfigError",
     "Engine",
     "EngineConfig",
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
         UnsupportedModelError,
         VlmEngineError,
     )
-    from vlm_engine.outputs import Logprob, RequestMetrics, RequestOutput
+    from vlm_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from vlm_engine.pipeline import VisionLanguagePipeline
     from vlm_engine.sampling_params import SamplingParams
 

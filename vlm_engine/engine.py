@@ -37,6 +37,7 @@ from vlm_engine.errors import (
 from vlm_engine.frontend.image_processor import load_image_processor
 from vlm_engine.frontend.input_processor import InputProcessor, Prompt
 from vlm_engine.frontend.output_processor import OutputProcessor
+from vlm_engine.frontend.parallel_sampling import ParentRequest
 from vlm_engine.frontend.tokenizer import load_tokenizer
 from vlm_engine.frontend.workers import DaemonPool
 from vlm_engine.outputs import RequestOutput
@@ -83,6 +84,8 @@ class Engine:
             resize_on_device=resize_on_device,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._parents: dict[str, ParentRequest] = {}  # requests of several samples, by id
+        self._parent_of: dict[str, ParentRequest] = {}  # by the id of each of their samples
         self._ids = itertools.count()
         self._frontend_threads = min(8, os.cpu_count() or 1)
         self._pool: DaemonPool | None = None  # preprocesses the prompts of a batch call
@@ -151,22 +154,29 @@ class Engine:
     def _enqueue(self, request: Request, text: str, stream: bool) -> None:
         if self._closed:
             raise EngineDeadError("the engine is closed")
-        self.core.add_request(request)
-        self.output_processor.add_request(
-            request.request_id,
-            text,
-            request.sampling_params,
-            request.num_prompt_tokens,
-            request.arrival_time,
-            stream,
-        )
+        samples = [request]
+        if request.sampling_params.n > 1:
+            parent = ParentRequest(request, stream)
+            samples = parent.samples
+            self._parents[request.request_id] = parent
+            self._parent_of.update(dict.fromkeys(parent.sample_ids, parent))
+        for sample in samples:
+            self.core.add_request(sample)
+            self.output_processor.add_request(
+                sample.request_id,
+                text,
+                sample.sampling_params,
+                request.num_prompt_tokens,
+                request.arrival_time,
+                stream,
+            )
         self._counters["requests"] += 1
         self._counters["prompt_tokens"] += request.num_prompt_tokens
 
     def _check_request_id(self, request_id: str) -> None:
         if not isinstance(request_id, str):
             raise InputTypeError(f"request_id must be a str, got {type(request_id).__name__}")
-        if request_id in self.output_processor.states:
+        if request_id in self.output_processor.states or request_id in self._parents:
             raise RequestIdInUseError("request_id is already in use by an unfinished request")
 
     def step(self) -> list[RequestOutput]:
@@ -174,9 +184,37 @@ class Engine:
         core_outputs = self.core.step()
         outputs, stopped = self.output_processor.process(core_outputs)
         self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)  # ended by a stop string
+        outputs = self._gather_samples(outputs)
         self._counters["generated_tokens"] += sum(len(o.new_token_ids) for o in core_outputs)
         self._counters["finished"] += sum(out.finished for out in outputs)
         return outputs
+
+    def _gather_samples(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """The outputs of samples of a request with n > 1 become one output of that request."""
+        if not self._parents:
+            return outputs
+        gathered: list[RequestOutput] = []
+        by_parent: dict[str, list[RequestOutput]] = {}
+        for out in outputs:
+            parent = self._parent_of.get(out.request_id)
+            if parent is None:
+                gathered.append(out)
+            else:
+                if parent.request_id not in by_parent:
+                    gathered.append(out)  # a placeholder that keeps the order
+                by_parent.setdefault(parent.request_id, []).append(out)
+        for i, out in enumerate(gathered):
+            parent = self._parent_of.get(out.request_id)
+            if parent is not None:
+                gathered[i] = parent.gather(by_parent[parent.request_id])
+                if gathered[i].finished:
+                    self._forget_parent(parent)
+        return gathered
+
+    def _forget_parent(self, parent: ParentRequest) -> None:
+        del self._parents[parent.request_id]
+        for sample_id in parent.sample_ids:
+            del self._parent_of[sample_id]
 
     def add_requests(
         self,
@@ -195,8 +233,17 @@ class Engine:
 
     def abort_request(self, request_id: str | Sequence[str]) -> list[RequestOutput]:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        self.core.abort_requests(ids)
-        aborted = [out for i in ids if (out := self.output_processor.abort(i)) is not None]
+        aborted = []
+        for i in ids:
+            parent = self._parents.get(i)
+            sample_ids = parent.sample_ids if parent is not None else [i]
+            self.core.abort_requests(sample_ids)
+            outs = [o for s in sample_ids if (o := self.output_processor.abort(s)) is not None]
+            if parent is not None and outs:
+                outs = [parent.gather(outs)]
+            if parent is not None:
+                self._forget_parent(parent)
+            aborted += outs
         self._counters["aborted"] += len(aborted)
         return aborted
 
@@ -250,7 +297,7 @@ class Engine:
             self._abort_unfinished(ids)
 
     def _abort_unfinished(self, ids: list[str]) -> None:
-        unfinished = [i for i in ids if i in self.output_processor.states]
+        unfinished = [i for i in ids if i in self.output_processor.states or i in self._parents]
         if unfinished:
             self.abort_request(unfinished)
 
@@ -366,7 +413,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        self.abort_request(list(self.output_processor.states))
+        singles = [i for i in self.output_processor.states if i not in self._parent_of]
+        self.abort_request([*self._parents, *singles])
         if self._pool is not None:
             self._pool.shutdown()
         self.core.close()

@@ -42,10 +42,30 @@ class RequestMetrics:
 
 
 @dataclass
+class CompletionOutput:
+    """One sample of a request: its text and tokens so far (or, streamed, what is new)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    logprobs: list[list[Logprob]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
 class RequestOutput:
     """A request's output so far (cumulative) or, when streamed, what is new since the last one.
 
-    `logprobs[i]` lists, for output token i, the sampled token first and then the top-n tokens.
+    `outputs` holds one `CompletionOutput` per sample (`SamplingParams.n`); streamed, only the
+    samples that have something new. The fields beside it (`text`, `token_ids`, `finish_reason`,
+    `stop_reason`, `logprobs`) are those of sample 0, and `finished` is True once every sample
+    has finished. `logprobs[i]` lists, for output token i, the sampled token first and then the
+    top-n tokens.
     """
 
     request_id: str
@@ -60,6 +80,20 @@ class RequestOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     error: Exception | None = None  # why the request was rejected (an InvalidInputError)
     prompt: str | None = field(default=None, repr=False)
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.outputs:  # a single sample: the fields above
+            self.outputs = [
+                CompletionOutput(
+                    0,
+                    self.text,
+                    self.token_ids,
+                    self.finish_reason,
+                    self.stop_reason,
+                    self.logprobs,
+                )  # fmt: skip
+            ]
 
     @classmethod
     def from_error(cls, request_id: str, error: Exception) -> RequestOutput:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from vlm_engine.errors import InvalidSamplingParamsError, SamplingParamsTypeError
 
 MAX_NUM_LOGPROBS = 20
+MAX_N = 128  # samples per request, as OpenAI's API allows
 # The seed range torch.Generator.manual_seed accepts (negative seeds wrap to unsigned).
 _SEED_RANGE = (-(2**63), 2**64)
 
@@ -21,9 +22,12 @@ class SamplingParams:
     ``SamplingParamsTypeError`` (also a ``TypeError``); unknown keyword arguments raise
     ``TypeError``. ``stop`` accepts a string or a list of
     strings and ``stop_token_ids`` a list of ints; both are stored as tuples, so the object is
-    hashable. ``top_k`` of 0 or -1 disables top-k; ``temperature`` of 0 means greedy.
+    hashable. ``top_k`` of 0 or -1 disables top-k; ``temperature`` of 0 means greedy. ``n``
+    samples of one prompt share its KV blocks and image encodings; with a ``seed``, sample 0
+    uses it as given and each other sample a seed derived from it and its index.
     """
 
+    n: int = 1
     max_tokens: int = 16
     min_tokens: int = 0
     temperature: float = 1.0
@@ -79,6 +83,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", stop_token_ids)
 
     def _validate_lengths(self) -> None:
+        _check_int("n", self.n, 1, MAX_N)
         _check_int("max_tokens", self.max_tokens, 1, None)
         _check_int("min_tokens", self.min_tokens, 0, None)
         if self.min_tokens > self.max_tokens:

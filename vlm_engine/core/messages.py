@@ -60,6 +60,7 @@ def encode_request(request: Request) -> Frames:
         "priority": request.priority,
         "cache_salt": request.cache_salt,
         "arrival_time": request.arrival_time,
+        "prefill_after": request.prefill_after,
         "features": features,
     }
     pixels = [
@@ -84,6 +85,7 @@ def decode_request(frames: Sequence[bytes | memoryview]) -> Request:
             priority=int(header["priority"]),
             cache_salt=header["cache_salt"],
             arrival_time=float(header["arrival_time"]),
+            prefill_after=_optional_str(header["prefill_after"]),
         )
     except MessageError:
         raise
@@ -141,3 +143,9 @@ def _params_from_map(values: dict[str, Any]) -> SamplingParams:
         raise MessageError(f"unknown sampling fields {sorted(unknown)}")
     tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
     return SamplingParams(**{**values, **tuples})
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise MessageError(f"expected a string or nothing, got {type(value).__name__}")
+    return value

@@ -83,15 +83,23 @@ class Scheduler:
     def _schedule_waiting(self, chunks: list[ScheduledChunk], budget: int) -> int:
         if self.config.scheduling_policy == "priority":
             self.waiting = deque(sorted(self.waiting, key=_priority_key))
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        index = 0
+        while (
+            index < len(self.waiting)
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[index]
+            if self._waits_for_sibling(request):
+                index += 1
+                continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = self._chunk_size(request, num_hit, budget)
             if num_new == 0:
                 break
             if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             request.num_computed_tokens = num_hit
@@ -100,6 +108,18 @@ class Scheduler:
             chunks.append(self._chunk(request, num_hit, num_new))
             budget -= num_new
         return budget
+
+    def _waits_for_sibling(self, request: Request) -> bool:
+        """A sample of a prompt another sample is still computing waits for it, to take the
+        prompt's KV blocks from the prefix cache instead of computing them again."""
+        if request.prefill_after is None or not self.kv.enable_prefix_caching:
+            return False
+        sibling = self.requests.get(request.prefill_after)
+        return (
+            sibling is not None
+            and not sibling.is_finished
+            and sibling.num_computed_tokens < sibling.num_prompt_tokens
+        )
 
     def _chunk_size(self, request: Request, start: int, budget: int) -> int:
         """Tokens to compute from `start`: at most `budget`, never ending inside an image span,

@@ -64,6 +64,9 @@ class Request:
     cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None  # seeded per request: same seed, same samples
+    # Another sample of the same prompt (n > 1): this request waits until that one has computed
+    # the prompt, then finds its KV blocks in the prefix cache.
+    prefill_after: str | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
