@@ -5,10 +5,12 @@
         print(delta.text, end="")
 
 Many callers may stream at once: one background task steps the engine while any request is
-unfinished and hands each step's outputs to the queue of the request they belong to. Every call
-into the `Engine` (adding, stepping, aborting) runs on one worker thread, one at a time, so the
-event loop never blocks on image preprocessing or a model step and the engine never sees two
-calls at once. A consumer that stops early (cancelled, `break`, an exception) aborts its
+unfinished and hands each step's outputs to the queue of the request they belong to. A new
+request is prepared (images loaded, hashed and preprocessed, text tokenized) on a pool of
+frontend threads, so concurrent requests preprocess side by side; every call that changes the
+`Engine` (queueing, stepping, aborting) runs on one worker thread, one at a time. The event loop
+never blocks on image preprocessing or a model step, and the engine never sees two calls at
+once. A consumer that stops early (cancelled, `break`, an exception) aborts its
 request, which frees its KV blocks and image references: at once when it closes the stream
 (`contextlib.aclosing`), otherwise when the event loop finalizes the abandoned generator, a moment
 later. With `core_process` the `Engine` underneath talks to a core in its own process, and a core
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +41,9 @@ class AsyncEngine:
     def __init__(self, checkpoint_dir: str | Path, **options: Any):
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "vlm-engine")
         self.engine = self._executor.submit(Engine, checkpoint_dir, **options).result()
+        self._frontend = concurrent.futures.ThreadPoolExecutor(
+            max(2, min(8, os.cpu_count() or 1)), "vlm-frontend"
+        )
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._unfinished: set[str] = set()  # requests whose last output has not come yet
         self._step_task: asyncio.Task[None] | None = None
@@ -59,9 +65,16 @@ class AsyncEngine:
         """Stream one request: each item holds what is new since the previous one; the last has
         `finished=True`. Bad input raises its typed `InvalidInputError` before anything runs."""
         self._check_usable()
-        request_id = await self._call(
-            self.engine.add_request, prompt, sampling_params, request_id, priority, cache_salt, True
+        prepared = await asyncio.get_running_loop().run_in_executor(
+            self._frontend,
+            self.engine.prepare_request,
+            prompt,
+            sampling_params,
+            request_id,
+            priority,
+            cache_salt,
         )
+        request_id = await self._call(self.engine.add_prepared, prepared, True)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
         self._unfinished.add(request_id)
@@ -110,6 +123,7 @@ class AsyncEngine:
 
     def _release(self) -> None:
         self._fail_all(EngineDeadError("the engine was closed"))
+        self._frontend.shutdown(wait=True)
         self._executor.submit(self.engine.close).result()  # on the worker, after its last call
         self._executor.shutdown(wait=True)
 

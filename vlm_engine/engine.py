@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +47,16 @@ from vlm_engine.vocab.request import Request, RequestStatus
 
 logger = logging.getLogger("vlm_engine")
 OnError = Literal["raise", "return"]
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A prompt checked, tokenized and with its images preprocessed, not yet queued."""
+
+    request: Request
+    prompt_text: str | None
+
+
 _ON_ERROR = ("raise", "return")
 
 
@@ -116,15 +127,43 @@ class Engine:
     ) -> str:
         """Queue a request and return its id. Bad input raises an `InvalidInputError` subclass
         (a `ValueError`) whose message names the request and the problem, and queues nothing."""
+        prepared = self.prepare_request(prompt, sampling_params, request_id, priority, cache_salt)
+        return self.add_prepared(prepared, stream)
+
+    def prepare_request(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> PreparedRequest:
+        """`add_request`'s first half, the frontend's work: check, load, hash and preprocess the
+        prompt's images, tokenize; queue nothing. Safe on any thread, several at once (image
+        decoding and resizing release the GIL), so that a server's concurrent requests do not
+        preprocess one after another. Bad input raises as in `add_request`."""
         request_id = f"req-{next(self._ids)}" if request_id is None else request_id
         try:
-            processed = self._process(
-                request_id, prompt, sampling_params, priority, cache_salt, check_id=True
+            return PreparedRequest(
+                *self._process(
+                    request_id, prompt, sampling_params, priority, cache_salt, check_id=True
+                )
             )
         except InvalidInputError:
             self._counters["rejected"] += 1
             raise
-        self._enqueue(*processed, stream)
+
+    def add_prepared(self, prepared: PreparedRequest, stream: bool = False) -> str:
+        """Queue a prepared request (on the thread that steps the engine) and return its id;
+        `RequestIdInUseError` if a request with its id was queued meanwhile."""
+        request_id = prepared.request.request_id
+        try:
+            self._check_request_id(request_id)
+        except InvalidInputError as e:
+            self._counters["rejected"] += 1
+            e.add_context(f"request {request_id!r}")
+            raise
+        self._enqueue(prepared.request, prepared.prompt_text, stream)
         return request_id
 
     def _process(

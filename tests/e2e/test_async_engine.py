@@ -4,6 +4,7 @@ input raises its typed error, and closing ends pending streams."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -140,3 +141,29 @@ def test_shutdown_from_synchronous_code_stops_the_core_process(checkpoint):
     engine.shutdown()
     engine.shutdown()  # twice is fine
     assert len(tokens) == 3 and process.returncode == 0 and not engine.is_healthy
+
+
+def test_concurrent_requests_preprocess_side_by_side(checkpoint, monkeypatch):
+    """Two requests are in preprocessing at once (each waits for the other at a barrier; had
+    they been prepared one after another, the first would wait alone until the timeout)."""
+    engine = make_engine(checkpoint)
+    barrier = threading.Barrier(2, timeout=30)
+    prepare = engine.engine.input_processor.process
+
+    def meet_then_prepare(*args, **kwargs):
+        barrier.wait()
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(engine.engine.input_processor, "process", meet_then_prepare)
+    params = SamplingParams(temperature=0, max_tokens=3)
+    prompts = [
+        {"prompt": "<start_of_image>What?", "images": [random_image(60, 40, seed=s)]}
+        for s in (4, 5)
+    ]
+
+    async def run():
+        async with engine:
+            return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+
+    results = asyncio.run(run())
+    assert [len(tokens) for tokens, _, _ in results] == [3, 3]
