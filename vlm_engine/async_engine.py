@@ -52,7 +52,13 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return self._error is None and not self._closed
+        """False once closed, after a failed step, or when the engine core has died."""
+        return self._error is None and not self._closed and self.engine.is_healthy
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests added and not yet finished (running or waiting)."""
+        return len(self._unfinished)
 
     async def generate(
         self,
@@ -64,6 +70,24 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request: each item holds what is new since the previous one; the last has
         `finished=True`. Bad input raises its typed `InvalidInputError` before anything runs."""
+        stream = await self.add_request(prompt, sampling_params, request_id, priority, cache_salt)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()
+
+    async def add_request(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> RequestStream:
+        """Queue one request and return its stream of outputs (what `generate` iterates). Bad
+        input raises here. The caller must `aclose()` the stream, which aborts the request if
+        it has not finished."""
         self._check_usable()
         prepared = await asyncio.get_running_loop().run_in_executor(
             self._frontend,
@@ -79,19 +103,13 @@ class AsyncEngine:
         self._queues[request_id] = queue
         self._unfinished.add(request_id)
         self._ensure_stepping()
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._queues.pop(request_id, None)
-            self._unfinished.discard(request_id)
-            if not finished and self.is_healthy:
-                await asyncio.shield(self._call(self.engine.abort_request, request_id))
+        return RequestStream(self, request_id, queue)
+
+    async def _release_request(self, request_id: str, finished: bool) -> None:
+        self._queues.pop(request_id, None)
+        self._unfinished.discard(request_id)
+        if not finished and self.is_healthy:
+            await asyncio.shield(self._call(self.engine.abort_request, request_id))
 
     async def abort(self, request_id: str) -> None:
         queue = self._queues.pop(request_id, None)
@@ -171,3 +189,37 @@ class AsyncEngine:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+class RequestStream:
+    """The outputs of one request, as they come (an async iterator); `aclose()` aborts the
+    request unless it has finished, and forgets it."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request_id: str,
+        queue: asyncio.Queue[RequestOutput | BaseException],
+    ):
+        self.request_id = request_id
+        self._engine = engine
+        self._queue = queue
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._finished = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._engine._release_request(self.request_id, self._finished)

@@ -1,4 +1,5 @@
-"""`vlm-engine`: caption images in batches, serve the demo web app, or answer a prompt per image.
+"""`vlm-engine`: caption images in batches, serve the demo web app or the OpenAI API, or answer a
+prompt per image.
 
 Without `--model`, every command uses the built-in demo model, a small Gemma3 trained to caption
 pictures of shapes (`vlm_engine.demo`); `--model DIR` takes any HF Gemma3 checkpoint directory.
@@ -19,6 +20,9 @@ from vlm_engine.captioning import (
 from vlm_engine.demo.model import DEMO_PROMPT, default_model_path, demo_request
 from vlm_engine.errors import CheckpointError, ConfigError, InvalidSamplingParamsError
 from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.server.options import DESCRIPTION as SERVE_DESCRIPTION
+from vlm_engine.server.options import EPILOG as SERVE_EPILOG
+from vlm_engine.server.options import add_serve_options
 
 # Errors a user fixes by changing the command line: reported as usage errors, no traceback.
 USAGE_ERRORS = (
@@ -38,7 +42,8 @@ EPILOG = """\
 examples:
   vlm-engine caption examples/images -o captions.jsonl   caption a folder into JSONL, resumably
   vlm-engine demo --port 7860                             web app at http://127.0.0.1:7860
-  vlm-engine generate examples/images                     print one answer per image"""
+  vlm-engine generate examples/images                     print one answer per image
+  vlm-engine serve --port 8000                            the OpenAI API at http://127.0.0.1:8000/v1"""
 
 CAPTION_DESCRIPTION = """\
 Caption many images into a JSONL or CSV file (one row per image: path, caption, error).
@@ -233,6 +238,34 @@ def add_generate_parser(sub) -> None:
     gen.set_defaults(func=cmd_generate, parser=gen)
 
 
+# ---- serve -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from vlm_engine.server.main import serve  # fastapi and uvicorn only when asked for
+    except ModuleNotFoundError as e:
+        if e.name not in ("fastapi", "uvicorn", "prometheus_client", "httpx"):
+            raise
+        args.parser.error("the server needs its extra: pip install 'vlm_engine[serve]'")
+    try:
+        return serve(args)
+    except USAGE_ERRORS as e:
+        args.parser.error(str(e))
+
+
+def add_serve_parser(sub) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="serve the OpenAI API (chat completions with images) over HTTP",
+        description=SERVE_DESCRIPTION,
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_serve_options(parser)
+    parser.set_defaults(func=cmd_serve, parser=parser)
+
+
 # ---- main --------------------------------------------------------------------------------------
 
 
@@ -269,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption_parser(sub)
     add_demo_parser(sub)
     add_generate_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

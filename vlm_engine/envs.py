@@ -5,7 +5,8 @@ kernel; the defaults are what runs fastest where it was measured (docs/kernels.m
 read once, when this module is first imported: a process keeps one setting for its whole life
 (CUDA graphs keep what they captured), and a core in its own process inherits the frontend's
 environment. `values` holds this process's settings (tests may set its attributes);
-`Engine.stats()["switches"]` reports them by variable name.
+`Engine.stats()["switches"]` reports them by variable name. One more variable, the server's API
+key, is named here too (`API_KEY_VARIABLE`), so that this module lists every variable read.
 
 A switch that is on by default is turned off by setting its variable to 0; one that is off by
 default is turned on by 1. Other values leave the default.
@@ -72,3 +73,8 @@ class Switches:
 
 
 values = Switches(os.environ)
+
+# A setting read where it is used, not a switch: the server's API key when `--api-key` is not
+# given (an environment variable keeps it out of the process list).
+API_KEY_VARIABLE = "VLM_ENGINE_API_KEY"
+VARIABLES = frozenset({*(s.variable for s in SWITCHES), API_KEY_VARIABLE})

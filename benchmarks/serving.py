@@ -1,0 +1,235 @@
+"""Serving under load: the OpenAI server (`vlm-engine serve`, the official client's wire format)
+beside the same workload sent straight into an in-process `AsyncEngine`, so the server's own cost
+shows as the difference.
+
+Workload: requests arrive as a Poisson process at each rate; each has 0-2 images (JPEG, sizes
+drawn between 320x240 and 1600x1200), a prompt of 8-160 words and a fixed output length drawn
+from 16-256 tokens (`ignore_eos`, `min_tokens`, so random weights stop nowhere else). Every
+request streams; per request the time to first token, the gaps between tokens, and the end.
+
+    python benchmarks/serving.py                         # Gemma3-4B shape, random weights, GPU
+    python benchmarks/serving.py --demo --rates 2,4 --num-requests 40      # the demo model, CPU
+
+Prints one row per rate and path: completed requests/s, output tokens/s, time to first token and
+inter-token latency p50/p99, then the server's overhead against the engine (throughput and
+p50 time to first token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
+
+import openai  # noqa: E402
+from gpu_runtime import GEMMA3_4B  # noqa: E402
+
+from vlm_engine import AsyncEngine, SamplingParams  # noqa: E402
+from vlm_engine.demo.model import default_model_path  # noqa: E402
+from vlm_engine.testing import make_tiny_checkpoint  # noqa: E402
+from vlm_engine.testing.samples import WORDS  # noqa: E402
+from vlm_engine.testing.server_process import ServerProcess  # noqa: E402
+
+MODEL = "bench"
+
+
+@dataclass(frozen=True)
+class Job:
+    arrival: float  # seconds after the start
+    text: str
+    images: list[bytes]
+    output_len: int
+
+
+@dataclass
+class Timing:
+    start: float
+    first: float | None = None
+    stamps: list[float] = field(default_factory=list)  # when each token's chunk came
+    tokens: int = 0
+
+
+def make_jobs(n: int, rate: float, seed: int, max_output: int) -> list[Job]:
+    rng = random.Random(seed)
+    pixels = np.random.default_rng(seed)
+    jobs, clock = [], 0.0
+    for _ in range(n):
+        clock += rng.expovariate(rate)
+        images = []
+        for _ in range(rng.choice((0, 1, 1, 2))):
+            width, height = rng.randint(320, 1600), rng.randint(240, 1200)
+            # Smooth content (coarse noise, upscaled) in JPEG: photo-like file sizes.
+            coarse = pixels.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+            picture = Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
+            buffer = io.BytesIO()
+            picture.save(buffer, format="JPEG", quality=90)
+            images.append(buffer.getvalue())
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 160)))
+        jobs.append(Job(clock, words, images, rng.randint(16, max_output)))
+    return jobs
+
+
+def chat_messages(job: Job) -> list[dict]:
+    parts = [
+        {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(i).decode()},
+        }
+        for i in job.images
+    ]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": job.text}]}]
+
+
+def engine_messages(job: Job) -> dict:
+    parts = [{"type": "image", "image": image} for image in job.images]
+    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": job.text}]}]}
+
+
+async def run_server(url: str, jobs: list[Job]) -> tuple[float, list[Timing]]:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+
+    async def one(job: Job, t0: float) -> Timing:
+        await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
+        timing = Timing(time.perf_counter())
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=chat_messages(job), max_tokens=job.output_len, temperature=0,
+            stream=True, extra_body={"ignore_eos": True, "min_tokens": job.output_len},
+        )  # fmt: skip
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                stamp(timing)
+        return timing
+
+    return await _run_all(jobs, one)
+
+
+async def run_engine(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[Timing]]:
+    async def one(job: Job, t0: float) -> Timing:
+        await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
+        timing = Timing(time.perf_counter())
+        params = SamplingParams(
+            temperature=0, max_tokens=job.output_len, min_tokens=job.output_len, ignore_eos=True
+        )
+        async for delta in engine.generate(engine_messages(job), params):
+            if delta.text:
+                stamp(timing)
+        return timing
+
+    return await _run_all(jobs, one)
+
+
+def stamp(timing: Timing) -> None:
+    now = time.perf_counter()
+    timing.first = timing.first or now
+    timing.stamps.append(now)
+    timing.tokens += 1
+
+
+async def _run_all(jobs, one) -> tuple[float, list[Timing]]:
+    t0 = time.perf_counter()
+    timings = await asyncio.gather(*(one(job, t0) for job in jobs))
+    return time.perf_counter() - t0, list(timings)
+
+
+def summary(elapsed: float, timings: list[Timing], jobs: list[Job]) -> dict[str, float]:
+    ttft = sorted((t.first - t.start) * 1e3 for t in timings if t.first is not None)
+    gaps = sorted(
+        (b - a) * 1e3 for t in timings for a, b in zip(t.stamps, t.stamps[1:], strict=False)
+    )
+    tokens = sum(job.output_len for job in jobs)
+    return {
+        "requests_s": len(jobs) / elapsed,
+        "tokens_s": tokens / elapsed,
+        "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
+        "itl_p50": _pct(gaps, 50), "itl_p99": _pct(gaps, 99),
+    }  # fmt: skip
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+        if len(values) > 1
+        else values[0]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="2,4,8", help="requests per second, one run each")
+    parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument("--max-output", type=int, default=256)
+    parser.add_argument("--demo", action="store_true", help="the demo model (CPU) instead of 4B")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.demo:
+            path, options = default_model_path(), ["--max-model-len", "1024"]
+            engine_options = {"max_model_len": 1024}
+        else:
+            path = make_tiny_checkpoint(Path(tmp) / "gemma3-4b-shape", **GEMMA3_4B)
+            options = ["--load-format", "dummy", "--max-model-len", "4096", "--max-num-seqs", "256"]
+            engine_options = {"load_format": "dummy", "max_model_len": 4096, "max_num_seqs": 256}
+        server = ServerProcess(
+            [
+                "--model",
+                str(path),
+                "--served-model-name",
+                MODEL,
+                "--log-level",
+                "warning",
+                *options,
+            ],
+            Path(tmp) / "server.log",
+        )
+        jobs_by_rate = {
+            r: make_jobs(args.num_requests, r, args.seed, args.max_output) for r in rates
+        }
+        served = {
+            r: summary(*asyncio.run(run_server(server.url, jobs_by_rate[r])), jobs_by_rate[r])
+            for r in rates
+        }
+        server.stop()
+        engine = AsyncEngine(path, **engine_options)
+        direct = {}
+        for rate in rates:
+            elapsed, timings = asyncio.run(run_engine(engine, jobs_by_rate[rate]))
+            direct[rate] = summary(elapsed, timings, jobs_by_rate[rate])
+        engine.shutdown()
+    print(f"{args.num_requests} requests per rate, 0-2 images, outputs 16-{args.max_output} tokens")
+    print(
+        "| rate req/s | path | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for rate in rates:
+        for name, row in (("server", served[rate]), ("AsyncEngine", direct[rate])):
+            print(
+                f"| {rate:g} | {name} | {row['requests_s']:.2f} | {row['tokens_s']:.0f} | "
+                f"{row['ttft_p50']:.1f} | {row['ttft_p99']:.1f} | {row['itl_p50']:.2f} | "
+                f"{row['itl_p99']:.2f} |"
+            )
+    print("\n| rate req/s | server throughput vs engine | server TTFT p50 - engine (ms) |")
+    print("|---:|---:|---:|")
+    for rate in rates:
+        loss = 1 - served[rate]["tokens_s"] / direct[rate]["tokens_s"]
+        extra = served[rate]["ttft_p50"] - direct[rate]["ttft_p50"]
+        print(f"| {rate:g} | {-loss * 100:+.1f}% | {extra:+.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""One API request in flight: its engine requests, answered whole or as server-sent events.
+
+`start()` checks the request and queues it in the engine (bad input raises there, before any
+byte of the answer is sent). `whole()` then gathers the answer; `events()` yields it as OpenAI
+stream chunks, `data: [DONE]` last. Either way the engine requests are aborted if the answer is
+abandoned (the client disconnected). Latencies and token counts go to the server's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from vlm_engine.async_engine import AsyncEngine, RequestStream
+from vlm_engine.errors import InvalidInputError
+from vlm_engine.outputs import CompletionOutput, RequestOutput
+from vlm_engine.server import protocol as p
+from vlm_engine.server import translate
+from vlm_engine.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from vlm_engine.server.app import ServerConfig
+
+
+class RequestRun:
+    """What both endpoints share: queue the prompts, follow their outputs, keep the metrics."""
+
+    endpoint = ""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics):
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.created = int(time.time())
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.streams: list[RequestStream] = []
+        self.n = 1
+
+    id_prefix = "req"
+
+    async def prompts_and_params(self) -> tuple[list[Any], Any]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        try:
+            prompts, params = await self.prompts_and_params()
+            self.n = params.n
+            for prompt in prompts:
+                self.streams.append(
+                    await self.engine.add_request(prompt, params, cache_salt=self.cache_salt)
+                )
+        except BaseException as e:
+            await self.close()
+            if isinstance(e, InvalidInputError):
+                self.metrics.requests.labels(self.endpoint, "rejected").inc()
+            raise
+
+    @property
+    def cache_salt(self) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        for stream in self.streams:
+            await stream.aclose()
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, delta) of every prompt's engine request, as they come."""
+        queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+
+        async def follow(index: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((index, out))
+            except BaseException as e:  # handed to the consumer, which raises it
+                queue.put_nowait(e)
+            finally:
+                queue.put_nowait(None)
+
+        tasks = [asyncio.ensure_future(follow(i, s)) for i, s in enumerate(self.streams)]
+        done = 0
+        try:
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    self._observe(item[1])
+                    yield item
+        finally:
+            outcome = "finished" if done == len(tasks) else "aborted"
+            self.metrics.requests.labels(self.endpoint, outcome).inc()
+            for task in tasks:
+                task.cancel()
+            # A task of its own: a disconnected client's cancellation (which the server repeats
+            # at every await of the cancelled request) must not cut the aborts short.
+            await asyncio.shield(asyncio.ensure_future(self.close()))
+
+    def _observe(self, out: RequestOutput) -> None:
+        metrics, now = self.metrics, time.monotonic()
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        if tokens:
+            metrics.generation_tokens.inc(tokens)
+            last = getattr(self, "_last_token_time", None)
+            if last is None:
+                metrics.time_to_first_token.observe(now - out.metrics.arrival_time)
+            else:
+                gap = (now - last) / tokens
+                for _ in range(tokens):
+                    metrics.inter_token_latency.observe(gap)
+            self._last_token_time = now
+        if out.finished:
+            metrics.prompt_tokens.inc(out.num_prompt_tokens)
+            metrics.e2e_latency.observe(now - out.metrics.arrival_time)
+
+    async def whole(self) -> dict[str, Any]:
+        latest: dict[int, RequestOutput] = {}
+        pieces: dict[tuple[int, int], list[CompletionOutput]] = {}
+        async for index, out in self.outputs():
+            latest[index] = out
+            for c in out.outputs:
+                pieces.setdefault((index, c.index), []).append(c)
+        merged = [self._merged(latest[i], pieces, i) for i in range(len(self.streams))]
+        return self.response(merged).model_dump()
+
+    def _merged(
+        self, out: RequestOutput, pieces: dict[tuple[int, int], list[CompletionOutput]], index: int
+    ) -> RequestOutput:
+        """A prompt's whole output from its streamed deltas."""
+        samples = []
+        for sample in range(self.n):
+            parts = pieces.get((index, sample), [])
+            logprobs = (
+                [e for c in parts for e in (c.logprobs or [])]
+                if parts and parts[0].logprobs is not None
+                else None
+            )
+            samples.append(
+                CompletionOutput(
+                    sample,
+                    "".join(c.text for c in parts),
+                    [t for c in parts for t in c.token_ids],
+                    parts[-1].finish_reason if parts else None,
+                    parts[-1].stop_reason if parts else None,
+                    logprobs,
+                )
+            )
+        first = samples[0]
+        return RequestOutput(
+            request_id=out.request_id, text=first.text, token_ids=first.token_ids, finished=True,
+            finish_reason=first.finish_reason, num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens, metrics=out.metrics, outputs=samples,
+        )  # fmt: skip
+
+    def response(self, outputs: list[RequestOutput]) -> Any:
+        raise NotImplementedError
+
+    async def events(self) -> AsyncIterator[str]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def _include_usage(self, request: p.SamplingFields) -> bool:
+        return request.stream_options is not None and request.stream_options.include_usage
+
+
+def sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+class ChatStream(RequestRun):
+    endpoint = "chat"
+    id_prefix = "chatcmpl"
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request: p.ChatCompletionRequest,
+        config: ServerConfig,
+        metrics: ServerMetrics,
+        http: httpx.AsyncClient | None,
+    ):
+        super().__init__(engine, config, metrics)
+        self.request = request
+        self.http = http
+
+    @property
+    def cache_salt(self) -> str | None:
+        return self.request.cache_salt
+
+    async def prompts_and_params(self) -> tuple[list[Any], Any]:
+        request = self.request
+        max_tokens = (
+            request.max_completion_tokens
+            if request.max_completion_tokens is not None
+            else request.max_tokens
+        )
+        params = translate.sampling_params(
+            request,
+            max_tokens,
+            translate.chat_logprobs_count(request),
+            self.engine.engine.max_model_len,
+        )
+        prompt = await translate.chat_prompt(request, self.config.media, self.http)
+        return [prompt], params
+
+    def response(self, outputs: list[RequestOutput]) -> p.ChatCompletion:
+        (out,) = outputs
+        return p.ChatCompletion(
+            id=self.id, created=self.created, model=self.config.model_name,
+            choices=translate.chat_choices(out), usage=translate.usage(outputs),
+        )  # fmt: skip
+
+    def _chunk(self, choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> dict:
+        return p.ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.config.model_name, choices=choices,
+            usage=usage,
+        ).model_dump()  # fmt: skip
+
+    async def events(self) -> AsyncIterator[str]:
+        roles = [
+            p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))
+            for i in range(self.n)
+        ]
+        yield sse(self._chunk(roles))
+        last: RequestOutput | None = None
+        completion_tokens = 0
+        async for _, out in self.outputs():
+            last = out
+            choices = []
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                if not c.text and not c.token_ids and c.finish_reason is None:
+                    continue
+                choices.append(
+                    p.ChatChunkChoice(
+                        index=c.index,
+                        delta=p.ChatDelta(content=c.text),
+                        logprobs=translate.chat_logprobs(c.logprobs),
+                        finish_reason=translate.finish_reason(c),
+                    )
+                )
+            if choices:
+                yield sse(self._chunk(choices))
+        if self._include_usage(self.request) and last is not None:
+            prompt = last.num_prompt_tokens
+            usage = p.Usage(
+                prompt_tokens=prompt, completion_tokens=completion_tokens,
+                total_tokens=prompt + completion_tokens,
+                prompt_tokens_details=p.UsageDetails(cached_tokens=max(last.num_cached_tokens, 0)),
+            )  # fmt: skip
+            yield sse(self._chunk([], usage))
+        yield DONE
+
+
+class CompletionStream(RequestRun):
+    endpoint = "completions"
+    id_prefix = "cmpl"
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request: p.CompletionRequest,
+        config: ServerConfig,
+        metrics: ServerMetrics,
+    ):
+        super().__init__(engine, config, metrics)
+        self.request = request
+
+    @property
+    def cache_salt(self) -> str | None:
+        return self.request.cache_salt
+
+    async def prompts_and_params(self) -> tuple[list[Any], Any]:
+        request = self.request
+        max_tokens = 16 if request.max_tokens is None else request.max_tokens  # OpenAI's default
+        params = translate.sampling_params(
+            request, max_tokens, request.logprobs, self.engine.engine.max_model_len
+        )
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if not prompts:
+            raise InvalidInputError("prompt must be a string or a non-empty list of strings")
+        return list(prompts), params
+
+    def response(self, outputs: list[RequestOutput]) -> p.Completion:
+        choices = [
+            c
+            for i, out in enumerate(outputs)
+            for c in translate.completion_choices(out, i * self.n)
+        ]
+        return p.Completion(
+            id=self.id, created=self.created, model=self.config.model_name, choices=choices,
+            usage=translate.usage(outputs),
+        )  # fmt: skip
+
+    async def events(self) -> AsyncIterator[str]:
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens = 0
+        async for index, out in self.outputs():
+            prompt_tokens[index] = out.num_prompt_tokens
+            choices = []
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                if not c.text and not c.token_ids and c.finish_reason is None:
+                    continue
+                choices.append(
+                    p.CompletionChoice(
+                        index=index * self.n + c.index,
+                        text=c.text,
+                        logprobs=translate.completion_logprobs(c),
+                        finish_reason=translate.finish_reason(c),
+                    )  # fmt: skip
+                )
+            if choices:
+                chunk = p.Completion(
+                    id=self.id, created=self.created, model=self.config.model_name, choices=choices
+                )
+                yield sse(chunk.model_dump(exclude={"usage"}))
+        if self._include_usage(self.request):
+            prompt = sum(prompt_tokens.values())
+            usage = p.Usage(
+                prompt_tokens=prompt,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt + completion_tokens,
+            )
+            chunk = p.Completion(
+                id=self.id,
+                created=self.created,
+                model=self.config.model_name,
+                choices=[],
+                usage=usage,
+            )
+            yield sse(chunk.model_dump())
+        yield DONE
