@@ -8,6 +8,7 @@ abandoned (the client disconnected). Latencies and token counts go to the server
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import time
@@ -20,6 +21,7 @@ import httpx
 from vlm_engine.async_engine import AsyncEngine, RequestStream
 from vlm_engine.errors import InvalidInputError
 from vlm_engine.outputs import CompletionOutput, RequestOutput
+from vlm_engine.sampling_params import SamplingParams
 from vlm_engine.server import protocol as p
 from vlm_engine.server import translate
 from vlm_engine.server.metrics import ServerMetrics
@@ -28,10 +30,11 @@ if TYPE_CHECKING:
     from vlm_engine.server.app import ServerConfig
 
 
-class RequestRun:
+class RequestRun(abc.ABC):
     """What both endpoints share: queue the prompts, follow their outputs, keep the metrics."""
 
-    endpoint = ""
+    endpoint: str  # the metrics' label
+    id_prefix: str  # of the response's id
 
     def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics):
         self.engine = engine
@@ -41,11 +44,11 @@ class RequestRun:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.streams: list[RequestStream] = []
         self.n = 1
+        self._last_token_time: float | None = None
 
-    id_prefix = "req"
-
-    async def prompts_and_params(self) -> tuple[list[Any], Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def prompts_and_params(self) -> tuple[list[Any], SamplingParams]:
+        """The engine prompts of this request and their sampling parameters."""
 
     async def start(self) -> None:
         try:
@@ -108,7 +111,7 @@ class RequestRun:
         tokens = sum(len(c.token_ids) for c in out.outputs)
         if tokens:
             metrics.generation_tokens.inc(tokens)
-            last = getattr(self, "_last_token_time", None)
+            last = self._last_token_time
             if last is None:
                 metrics.time_to_first_token.observe(now - out.metrics.arrival_time)
             else:
@@ -159,12 +162,13 @@ class RequestRun:
             num_cached_tokens=out.num_cached_tokens, metrics=out.metrics, outputs=samples,
         )  # fmt: skip
 
+    @abc.abstractmethod
     def response(self, outputs: list[RequestOutput]) -> Any:
-        raise NotImplementedError
+        """The whole answer to the prompts' merged outputs."""
 
-    async def events(self) -> AsyncIterator[str]:
-        raise NotImplementedError
-        yield  # pragma: no cover
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[str]:
+        """The answer as server-sent events, `data: [DONE]` last."""
 
     def _include_usage(self, request: p.SamplingFields) -> bool:
         return request.stream_options is not None and request.stream_options.include_usage
@@ -252,12 +256,8 @@ class ChatStream(RequestRun):
             if choices:
                 yield sse(self._chunk(choices))
         if self._include_usage(self.request) and last is not None:
-            prompt = last.num_prompt_tokens
-            usage = p.Usage(
-                prompt_tokens=prompt, completion_tokens=completion_tokens,
-                total_tokens=prompt + completion_tokens,
-                prompt_tokens_details=p.UsageDetails(cached_tokens=max(last.num_cached_tokens, 0)),
-            )  # fmt: skip
+            cached = max(last.num_cached_tokens, 0)
+            usage = translate.usage_of(last.num_prompt_tokens, completion_tokens, cached)
             yield sse(self._chunk([], usage))
         yield DONE
 
@@ -304,9 +304,11 @@ class CompletionStream(RequestRun):
 
     async def events(self) -> AsyncIterator[str]:
         prompt_tokens: dict[int, int] = {}
+        cached_tokens: dict[int, int] = {}
         completion_tokens = 0
         async for index, out in self.outputs():
             prompt_tokens[index] = out.num_prompt_tokens
+            cached_tokens[index] = max(out.num_cached_tokens, 0)
             choices = []
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
@@ -326,18 +328,12 @@ class CompletionStream(RequestRun):
                 )
                 yield sse(chunk.model_dump(exclude={"usage"}))
         if self._include_usage(self.request):
-            prompt = sum(prompt_tokens.values())
-            usage = p.Usage(
-                prompt_tokens=prompt,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt + completion_tokens,
+            usage = translate.usage_of(
+                sum(prompt_tokens.values()), completion_tokens, sum(cached_tokens.values())
             )
             chunk = p.Completion(
-                id=self.id,
-                created=self.created,
-                model=self.config.model_name,
-                choices=[],
+                id=self.id, created=self.created, model=self.config.model_name, choices=[],
                 usage=usage,
-            )
+            )  # fmt: skip
             yield sse(chunk.model_dump())
         yield DONE

@@ -82,9 +82,14 @@ async def _content_item(
 
 def usage(outputs: list[RequestOutput]) -> p.Usage:
     """Prompt tokens once per request, output tokens of every sample."""
-    prompt = sum(out.num_prompt_tokens for out in outputs)
-    completion = sum(len(c.token_ids) for out in outputs for c in out.outputs)
-    cached = sum(max(out.num_cached_tokens, 0) for out in outputs)
+    return usage_of(
+        sum(out.num_prompt_tokens for out in outputs),
+        sum(len(c.token_ids) for out in outputs for c in out.outputs),
+        sum(max(out.num_cached_tokens, 0) for out in outputs),
+    )
+
+
+def usage_of(prompt: int, completion: int, cached: int) -> p.Usage:
     return p.Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
