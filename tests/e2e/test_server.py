@@ -10,13 +10,13 @@ import base64
 import json
 import signal
 
-import httpx
 import pytest
 from bad_inputs import png_header
 
 openai = pytest.importorskip("openai", reason="the server tests drive the official openai client")
 pytest.importorskip("fastapi", reason="the server needs the serve extra")
 
+import httpx  # noqa: E402  (the openai client's own HTTP library)
 from server_helpers import MODEL, chat, metric, picture, wait_for_idle  # noqa: E402
 
 from vlm_engine import Engine, SamplingParams  # noqa: E402

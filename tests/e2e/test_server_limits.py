@@ -12,12 +12,12 @@ import sys
 import threading
 import time
 
-import httpx
 import pytest
 
 openai = pytest.importorskip("openai", reason="the server tests drive the official openai client")
 pytest.importorskip("fastapi", reason="the server needs the serve extra")
 
+import httpx  # noqa: E402  (the openai client's own HTTP library)
 from server_helpers import MODEL, chat, metric, picture, wait_for_idle  # noqa: E402
 
 from vlm_engine.testing.server_process import ServerProcess  # noqa: E402
