@@ -37,7 +37,7 @@ FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 FIELDS = ("path", "caption", "error")
 # Where the engine saw a bad request ("prompts[3]: request 'req-41': "): meaningless in a row
 # keyed by path, and different from run to run, so left out of the row's error.
-_BATCH_CONTEXT = re.compile(r"^prompts\[\d+\]: request '[^']*': ")
+_BATCH_CONTEXT = re.compile(r"^(prompts\[\d+\]: )?request '[^']*': ")
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_BATCH_SIZE = 64
 
@@ -54,6 +54,11 @@ class CaptionSummary:
     num_skipped: int  # already in the output file
     num_errors: int  # rows written with an error instead of a caption
     elapsed_s: float
+    num_duplicates: int = 0  # rows that took the caption of an identical image (distributed)
+    num_engine_requests: int | None = None  # what the engines were asked (distributed)
+    # Share of the engines' time, from their first request to their last answer, with no request
+    # to work on (distributed): how well the replicas are fed, not the GPU's own stalls.
+    engine_idle_share: float | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -61,10 +66,13 @@ class CaptionSummary:
         return done / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def __str__(self) -> str:
+        duplicates = f" ({self.num_duplicates} duplicates)" if self.num_duplicates else ""
+        idle = self.engine_idle_share
+        idle = f", engines idle {idle:.0%} of the time" if idle is not None else ""
         return (
-            f"captioned {self.num_captioned} images, skipped {self.num_skipped} already done, "
-            f"{self.num_errors} errors in {self.elapsed_s:.1f} s "
-            f"({self.images_per_second:.1f} images/s)"
+            f"captioned {self.num_captioned} images{duplicates}, skipped {self.num_skipped} "
+            f"already done, {self.num_errors} errors in {self.elapsed_s:.1f} s "
+            f"({self.images_per_second:.1f} images/s{idle})"
         )
 
 
@@ -298,6 +306,7 @@ def caption_sources(
     device: str | None = None,
     dtype: str = "auto",
     format: str | None = None,
+    ec_connector: str | None = None,
     **options: Any,
 ) -> CaptionSummary:
     """`caption_images` over `find_images(sources)` with an engine on `model` (default: the
@@ -312,15 +321,24 @@ def caption_sources(
         return CaptionSummary(0, len(images), 0, 0.0)
     from vlm_engine.engine import Engine
 
-    with Engine(model or default_model_path(), device=device, dtype=dtype) as engine:
+    engine_options = {"ec_connector": ec_connector} if ec_connector else {}
+    with Engine(
+        model or default_model_path(), device=device, dtype=dtype, **engine_options
+    ) as engine:
         return caption_images(engine, images, output, format=format, **options)
 
 
 def _row(path: str, out: RequestOutput) -> dict[str, Any]:
     if out.error is None:
         return {"path": path, "caption": out.text, "error": None}
-    message = _BATCH_CONTEXT.sub("", str(out.error))
-    return {"path": path, "caption": None, "error": f"{type(out.error).__name__}: {message}"}
+    return error_row(path, out.error)
+
+
+def error_row(path: str, error: Exception) -> dict[str, Any]:
+    """The row of an image the engine rejected: its error's type and message, without where in
+    a batch the engine saw it."""
+    message = _BATCH_CONTEXT.sub("", str(error))
+    return {"path": path, "caption": None, "error": f"{type(error).__name__}: {message}"}
 
 
 def _progress_bar(total: int):
@@ -335,6 +353,7 @@ __all__ = [
     "CaptionSummary",
     "caption_images",
     "caption_sources",
+    "error_row",
     "find_images",
     "output_format",
 ]

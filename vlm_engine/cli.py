@@ -94,6 +94,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
+        if args.ray is not None:
+            return _caption_on_ray(args, params)
+        if args.replicas is not None:
+            args.parser.error("--replicas needs --ray")
         summary = caption_sources(
             args.inputs,
             args.output,
@@ -105,9 +109,40 @@ def cmd_caption(args: argparse.Namespace) -> int:
             params=params,
             batch_size=args.batch_size,
             use_tqdm=not args.quiet,
+            ec_connector=args.ec_connector,
         )
     except USAGE_ERRORS as e:
         args.parser.error(str(e))
+    print(f"{summary} -> {args.output}")
+    return 0
+
+
+def _caption_on_ray(args: argparse.Namespace, params: SamplingParams) -> int:
+    try:
+        from vlm_engine.distributed import caption_dataset  # ray, only when asked for
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] not in ("ray", "pyarrow", "pandas"):
+            raise
+        args.parser.error("--ray needs the ray extra: pip install 'vlm_engine[ray]'")
+    options = {"device": args.device, "dtype": args.dtype}
+    if args.ec_connector:
+        options["ec_connector"] = args.ec_connector
+    try:
+        summary = caption_dataset(
+            args.inputs,
+            args.output,
+            model=args.model,
+            prompt=args.prompt,
+            params=params,
+            replicas=args.replicas,
+            batch_size=args.batch_size,
+            format=args.format,
+            address=args.ray or None,
+            engine_options=options,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: the rows in {args.output} are kept; rerun to caption the rest")
+        return 130
     print(f"{summary} -> {args.output}")
     return 0
 
@@ -163,6 +198,29 @@ def add_caption_parser(sub) -> None:
     cap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
     cap.add_argument("--top-k", type=int, default=0, help="0 disables top-k (default: 0)")
     cap.add_argument("--seed", type=int, default=None, help="sampling seed of each request")
+    cap.add_argument(
+        "--ec-connector",
+        default=None,
+        metavar="SPEC",
+        help="persistent encoder cache shared across runs and replicas: disk:/path or "
+        "redis://host:port/db",
+    )
+    cap.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster (the ray extra): ADDRESS of its head (e.g. auto or "
+        "host:6379); without one, the cluster $RAY_ADDRESS names or a new local instance. "
+        "Identical images are captioned once",
+    )
+    cap.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=None,
+        help="engines on the cluster, one per GPU (default: one per GPU, or one without GPUs)",
+    )
     cap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cap.set_defaults(func=cmd_caption, parser=cap)
 
