@@ -432,6 +432,7 @@ class Engine:
             "encoder_cache": core.pop("encoder_cache"),
             "vision_encoder": core.pop("vision_encoder"),
             "switches": core.pop("switches"),
+            "structured_outputs": core.pop("structured_outputs", {"enabled": False}),
             "scheduler": core,
             "requests": dict(self._counters),
         }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 from vlm_engine.errors import InvalidSamplingParamsError, SamplingParamsTypeError
 
@@ -11,6 +13,117 @@ MAX_NUM_LOGPROBS = 20
 MAX_N = 128  # samples per request, as OpenAI's API allows
 # The seed range torch.Generator.manual_seed accepts (negative seeds wrap to unsigned).
 _SEED_RANGE = (-(2**63), 2**64)
+
+CONSTRAINTS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """One constraint on a request's output text, enforced token by token while decoding.
+
+    Exactly one of:
+    - ``json``: a JSON schema, as a dict or as JSON text; the output is one JSON value valid
+      under it. Stored as compact JSON text, so the object is hashable and the properties keep
+      their order (the order the output writes them in);
+    - ``json_object=True``: any JSON object;
+    - ``regex``: a regular expression the whole output matches;
+    - ``choice``: a list of strings; the output is exactly one of them;
+    - ``grammar``: an EBNF grammar (xgrammar's dialect, GBNF-like) whose ``root`` rule the
+      output matches.
+
+    ``any_whitespace`` lets JSON outputs put any whitespace between tokens; by default (False)
+    they are written as ``json.dumps`` writes them (``", "`` and ``": "``), which keeps a model
+    from spending its tokens on blank space. A constraint is checked for types here and compiled
+    (and so checked for syntax and support) when its request is added to an engine.
+    """
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        name = "structured_outputs"
+        if isinstance(self.json, Mapping):
+            object.__setattr__(self, "json", _schema_text(self.json))
+        elif self.json is not None:
+            if not isinstance(self.json, str):
+                raise SamplingParamsTypeError(
+                    _expected(f"{name}.json", "a JSON schema (a dict or JSON text)", self.json)
+                )
+            try:
+                schema = json.loads(self.json)
+            except ValueError as e:
+                raise InvalidSamplingParamsError(f"{name}.json is not valid JSON: {e}") from None
+            if not isinstance(schema, dict | bool):
+                raise InvalidSamplingParamsError(
+                    f"{name}.json must be a JSON schema (an object), got {self.json[:80]!r}"
+                )
+            object.__setattr__(self, "json", _schema_text(schema))
+        for flag in ("json_object", "any_whitespace"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SamplingParamsTypeError(
+                    _expected(f"{name}.{flag}", "a bool", getattr(self, flag))
+                )
+        for text in ("regex", "grammar"):
+            value = getattr(self, text)
+            if value is not None and not isinstance(value, str):
+                raise SamplingParamsTypeError(_expected(f"{name}.{text}", "a str", value))
+            if value == "":
+                raise InvalidSamplingParamsError(f"{name}.{text} must not be empty")
+        if self.choice is not None:
+            choice = _as_tuple(f"{name}.choice", self.choice)
+            if not choice:
+                raise InvalidSamplingParamsError(f"{name}.choice must hold at least one string")
+            for c in choice:
+                if not isinstance(c, str):
+                    raise SamplingParamsTypeError(_expected(f"{name}.choice", "strings", c))
+                if not c:
+                    raise InvalidSamplingParamsError(
+                        f"{name}.choice must hold non-empty strings, got {c!r}"
+                    )
+            object.__setattr__(self, "choice", choice)
+        given = [c for c in CONSTRAINTS if getattr(self, c) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidSamplingParamsError(
+                f"{name} takes exactly one of {', '.join(CONSTRAINTS)}; got "
+                f"{', '.join(given) if given else 'none'}"
+            )
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: one of CONSTRAINTS."""
+        return next(c for c in CONSTRAINTS if getattr(self, c) not in (None, False))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> StructuredOutputs:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(map(str, set(values) - known))
+        if unknown:
+            raise InvalidSamplingParamsError(
+                f"structured_outputs has no field {', '.join(unknown)}; "
+                f"it takes {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_mapping(self) -> dict[str, object]:
+        """The fields that are set, as plain values (what `from_mapping` takes back)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values = {k: v for k, v in values.items() if v not in (None, False)}
+        if self.choice is not None:
+            values["choice"] = list(self.choice)
+        return values
+
+
+def _schema_text(schema: object) -> str:
+    try:
+        return json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidSamplingParamsError(
+            f"structured_outputs.json must be JSON-serializable: {e}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -25,6 +138,9 @@ class SamplingParams:
     hashable. ``top_k`` of 0 or -1 disables top-k; ``temperature`` of 0 means greedy. ``n``
     samples of one prompt share its KV blocks and image encodings; with a ``seed``, sample 0
     uses it as given and each other sample a seed derived from it and its index.
+    ``structured_outputs`` constrains the output to a JSON schema, a regular expression, a
+    list of choices or a grammar (`StructuredOutputs`); it cannot be combined with
+    ``ignore_eos`` or ``min_tokens``, since the grammar decides where the output ends.
     """
 
     n: int = 1
@@ -44,6 +160,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top logprobs per output token; 0 = only the sampled token's
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None  # a mapping of its fields is taken too
 
     def __post_init__(self) -> None:
         self._normalize_stops()
@@ -55,6 +172,7 @@ class SamplingParams:
                 raise SamplingParamsTypeError(_expected(name, "a bool", getattr(self, name)))
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_NUM_LOGPROBS)
+        self._validate_structured_outputs()
 
     @property
     def is_greedy(self) -> bool:
@@ -123,6 +241,29 @@ class SamplingParams:
                 raise InvalidSamplingParamsError(
                     f"{name} must be in [-2, 2], got {getattr(self, name)}"
                 )
+
+    def _validate_structured_outputs(self) -> None:
+        value = self.structured_outputs
+        if value is None:
+            return
+        if isinstance(value, Mapping):
+            value = StructuredOutputs.from_mapping(value)
+        elif not isinstance(value, StructuredOutputs):
+            raise SamplingParamsTypeError(
+                _expected("structured_outputs", "a StructuredOutputs, a mapping or None", value)
+            )
+        object.__setattr__(self, "structured_outputs", value)
+        # The grammar decides where the output may end: nothing may override it.
+        if self.ignore_eos:
+            raise InvalidSamplingParamsError(
+                "ignore_eos cannot be combined with structured_outputs: the grammar decides "
+                "where the output ends"
+            )
+        if self.min_tokens:
+            raise InvalidSamplingParamsError(
+                "min_tokens cannot be combined with structured_outputs: the grammar decides "
+                f"where the output ends, got min_tokens={self.min_tokens}"
+            )
 
     def _set_float(self, name: str) -> None:
         """Store a finite int or float field as a float (so `temperature=0` reads back as 0.0)."""

@@ -5,9 +5,13 @@ It speaks in token ids only; text, images-as-files and stop strings belong to th
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,9 +22,12 @@ from vlm_engine.runtime.connectors import ECConnector
 from vlm_engine.runtime.model_runner import LaunchedStep, ModelRunner
 from vlm_engine.scheduler.kv_cache_manager import KVCacheManager
 from vlm_engine.scheduler.scheduler import Scheduler
+from vlm_engine.structured_output.manager import StructuredOutputManager
 from vlm_engine.vocab.protocol import EngineCoreOutput
 from vlm_engine.vocab.request import Request, RequestStatus
 from vlm_engine.vocab.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger("vlm_engine")
 
 
 @dataclass
@@ -28,6 +35,9 @@ class _StepInFlight:
     scheduled: SchedulerOutput
     launched: LaunchedStep
     needs_all_tokens: bool  # a request's sampling reads its outputs: no step may overlap it
+
+
+GRAMMAR_WAIT_SECONDS = 0.05  # longest a step with nothing to run waits for a grammar to compile
 
 
 class EngineCore:
@@ -39,6 +49,7 @@ class EngineCore:
         max_model_len: int,
         connector: ECConnector | None = None,
         to_model_input: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+        load_tokenizer: Callable[[], Any] | None = None,
     ):
         self.config = config
         self.max_model_len = max_model_len
@@ -58,6 +69,15 @@ class EngineCore:
             async_scheduling = self.runner.device.type == "cuda"
         self.async_scheduling = async_scheduling
         self._in_flight: _StepInFlight | None = None  # launched, outputs not yet taken
+        # Structured outputs: requests whose grammar compiles wait here, outside the scheduler.
+        self.structured: StructuredOutputManager | None = None
+        if load_tokenizer is not None:
+            self.structured = StructuredOutputManager(
+                load_tokenizer, self.runner.vocab_size, model.config.eos_token_ids,
+                config.max_num_seqs, self.runner.device,
+            )  # fmt: skip
+        self._compiling: dict[str, tuple[Request, Future]] = {}
+        self._rejected: list[EngineCoreOutput] = []  # outputs of requests that could not run
         if config.use_cuda_graphs and self.runner.device.type == "cuda":
             self.runner.enable_cuda_graphs(
                 config.max_num_seqs, max_model_len, config.max_num_batched_tokens
@@ -67,19 +87,60 @@ class EngineCore:
         seed = request.sampling_params.seed
         if seed is not None:
             request.generator = torch.Generator(self.runner.device).manual_seed(seed)
-        self.scheduler.add_request(request)
+        if request.sampling_params.structured_outputs is None:
+            self.scheduler.add_request(request)
+            return
+        if self.structured is None:
+            self._reject(request, "this engine core has no tokenizer for structured outputs")
+            return
+        self._compiling[request.request_id] = (request, self.structured.submit(request))
+        self._admit_compiled()
+
+    def _admit_compiled(self) -> None:
+        """Schedule the requests whose grammar is ready, in the order they arrived."""
+        for request_id, (request, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            try:
+                self.structured.start(request, future)
+            except Exception as e:  # the frontend checked it: a failure here is unexpected
+                self._reject(request, f"its grammar failed to compile: {e}")
+                continue
+            self.scheduler.add_request(request)
+
+    def _reject(self, request: Request, why: str) -> None:
+        logger.error("request %s cannot run: %s", request.request_id, why)
+        request.status = RequestStatus.FINISHED_ERROR
+        self._rejected.append(EngineCoreOutput(request.request_id, [], None, "error"))
+
+    def _wait_for_grammars(self) -> None:
+        """With nothing to run but requests whose grammar compiles, wait a little for one."""
+        futures = [future for _, future in self._compiling.values()]
+        concurrent.futures.wait(
+            futures, GRAMMAR_WAIT_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        self._admit_compiled()
 
     def abort_requests(
         self, request_ids: Iterable[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
     ) -> None:
         for request_id in request_ids:
+            if self._compiling.pop(request_id, None) is not None:
+                continue
             request = self.scheduler.requests.get(request_id)
             if request is not None:
                 self.scheduler.finish(request, status)
+            if self.structured is not None:
+                self.structured.release(request_id)
         self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return (
+            self.scheduler.has_unfinished()
+            or self._in_flight is not None
+            or bool(self._compiling or self._rejected)
+        )
 
     def step(self) -> list[EngineCoreOutput]:
         """Run one step and return the outputs of a step that finished.
@@ -88,7 +149,14 @@ class EngineCore:
         the next step is scheduled and its inputs prepared while the device runs this one, and
         its pending input tokens are taken from the device. Without it (or when a request's
         sampling reads its output tokens), the step's own outputs are returned.
+
+        A step with requests under a grammar samples once the step before it has finished:
+        its forward pass is launched first, the previous step's tokens advance the matchers
+        while the device runs it, then the bitmask goes with the sampling.
         """
+        if self._compiling:
+            self._admit_compiled()
+        rejected, self._rejected = self._rejected, []
         previous, self._in_flight = self._in_flight, None
         outputs: list[EngineCoreOutput] = []
         if previous is not None and previous.needs_all_tokens:
@@ -97,12 +165,19 @@ class EngineCore:
         if previous is not None:
             outputs = self._finish(previous)
         if current is not None:
+            if current.launched.awaits_sampling:
+                start = time.perf_counter()
+                bitmask = self.structured.fill_bitmask(current.launched.requests)
+                current.launched = self.runner.sample(current.launched, bitmask)
+                self.step_seconds["update"] += time.perf_counter() - start
             if self.async_scheduling:
                 self._in_flight = current
             else:
                 outputs = self._finish(current)
+        elif previous is None and self._compiling and not self.scheduler.has_unfinished():
+            self._wait_for_grammars()
         self._settle_if_idle()
-        return outputs
+        return rejected + outputs if rejected else outputs
 
     def _settle_if_idle(self) -> None:
         """With no request left unfinished, wait for the step in flight (whose tokens are all
@@ -120,7 +195,10 @@ class EngineCore:
             self.runner.release(scheduled)
             return None
         launched_at = time.perf_counter()
-        launched = self.runner.launch(scheduled)
+        constrained = self.structured is not None and any(
+            c.samples and self.structured.is_constrained(c.request) for c in scheduled.chunks
+        )
+        launched = self.runner.launch(scheduled, sample=not constrained)
         self.step_seconds["schedule"] += launched_at - start
         self.step_seconds["execute"] += time.perf_counter() - launched_at
         penalized = any(r.sampling_params.has_penalties for r in launched.requests)
@@ -135,6 +213,10 @@ class EngineCore:
         finished = {
             r.request_id for r in self.scheduler.update_from_output(scheduled, result.sampled)
         }
+        if self.structured is not None and result.sampled:
+            for request in self.structured.accept([c.request for c in scheduled.chunks]):
+                self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+                finished.add(request.request_id)
         self.num_steps += 1
         self.step_seconds["execute"] += collected_at - start
         self.step_seconds["update"] += time.perf_counter() - collected_at
@@ -191,6 +273,11 @@ class EngineCore:
         seconds = {**self.step_seconds, "prepare_inputs": self.runner.prepare_seconds}
         stats["step_time_ms"] = {k: v / steps * 1e3 for k, v in seconds.items()}
         stats["switches"] = envs.values.by_variable()  # of the process the kernels run in
+        if self.structured is not None:
+            stats["structured_outputs"] = {
+                **self.structured.stats(),
+                "waiting_for_grammar": len(self._compiling),
+            }
         return stats
 
     def close(self) -> None:
@@ -198,6 +285,8 @@ class EngineCore:
         memory the core holds (KV cache, graphs, image embeddings, pinned buffers)."""
         if self.connector is not None:
             self.connector.close()
+        if self.structured is not None:
+            self.structured.close()
         self._in_flight = None  # its tokens are not wanted; runner.close() waits for the device
         self.runner.close()
 

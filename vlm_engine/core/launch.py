@@ -13,6 +13,7 @@ from vlm_engine.core.engine_core import EngineCore
 from vlm_engine.device import resolve_device
 from vlm_engine.engine_config import EngineConfig
 from vlm_engine.frontend.image_processor import load_image_processor
+from vlm_engine.frontend.tokenizer import load_tokenizer
 from vlm_engine.models.loader import load_model
 from vlm_engine.runtime.connectors import make_connector, model_fingerprint
 from vlm_engine.runtime.memory import plan_num_kv_blocks
@@ -57,5 +58,6 @@ def build_core(checkpoint_dir: Path, config: EngineConfig) -> EngineCore:
     image_processor = load_image_processor(model_config, checkpoint_dir, config.processor_options)
     to_model_input = image_processor.to_model_input if image_processor is not None else None
     return EngineCore(
-        model, config, num_blocks, min(wanted_len, capacity), connector, to_model_input
-    )
+        model, config, num_blocks, min(wanted_len, capacity), connector, to_model_input,
+        load_tokenizer=lambda: load_tokenizer(checkpoint_dir),  # for structured outputs
+    )  # fmt: skip

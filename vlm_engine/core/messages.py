@@ -134,6 +134,8 @@ def _decode_feature(meta: dict[str, Any], frame: bytes | memoryview) -> MultiMod
 
 def _params_to_map(params: SamplingParams) -> dict[str, Any]:
     values = {name: getattr(params, name) for name in _PARAM_FIELDS}
+    if params.structured_outputs is not None:
+        values["structured_outputs"] = params.structured_outputs.to_mapping()
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
@@ -142,7 +144,7 @@ def _params_from_map(values: dict[str, Any]) -> SamplingParams:
     if unknown:
         raise MessageError(f"unknown sampling fields {sorted(unknown)}")
     tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
-    return SamplingParams(**{**values, **tuples})
+    return SamplingParams(**{**values, **tuples})  # structured_outputs arrives as a map
 
 
 def _optional_str(value: Any) -> str | None:

@@ -43,6 +43,7 @@ from vlm_engine.frontend.mm_hash import ImageHasher
 from vlm_engine.frontend.processor_cache import ProcessorCache
 from vlm_engine.frontend.prompt import PromptBuilder
 from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.structured_output import grammars
 from vlm_engine.vocab.inputs import PromptInputs
 from vlm_engine.vocab.request import MultiModalFeature, Request
 
@@ -132,6 +133,8 @@ class InputProcessor:
                 f"stop_token_ids {outside} are outside the model's vocabulary "
                 f"(vocab_size={vocab_size})"
             )
+        if params.structured_outputs is not None:
+            grammars.check(params.structured_outputs)  # syntax and support, before it runs
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InputTypeError(f"priority must be an int, got {priority!r}")
         if cache_salt is not None and not isinstance(cache_salt, str):

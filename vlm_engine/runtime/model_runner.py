@@ -37,11 +37,17 @@ class ModelRunnerOutput:
 
 @dataclass
 class LaunchedStep:
-    """A step queued on the device: its sampler's results are copied to `host` as it ends."""
+    """A step queued on the device: its sampler's results are copied to `host` as it ends.
+    A step launched without sampling holds its `logits` instead, until `ModelRunner.sample`."""
 
     requests: list[Request]  # those that sample, in the order of the rows of `host`
-    host: SamplerOutput | None  # pinned host copies (None: nothing samples)
+    host: SamplerOutput | None  # pinned host copies (None: nothing samples, or not yet)
     done: torch.cuda.Event | None  # recorded after the copies (None off a GPU)
+    logits: torch.Tensor | None = None  # [len(requests), V] while sampling waits
+
+    @property
+    def awaits_sampling(self) -> bool:
+        return self.logits is not None
 
 
 class ModelRunner:
@@ -75,15 +81,19 @@ class ModelRunner:
         self._sampled_row: dict[str, int] = {}  # request id -> its row in `_sampled`
         self.prepare_seconds = 0.0  # host time spent building step inputs
         self.vocab_size = model.config.text.vocab_size
+        self._sample_now = True  # launch() samples, or holds the logits for sample()
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         """Run a step and wait for its sampled tokens."""
         return self.collect(self.launch(step))
 
     @torch.inference_mode()
-    def launch(self, step: SchedulerOutput) -> LaunchedStep:
+    def launch(self, step: SchedulerOutput, sample: bool = True) -> LaunchedStep:
         """Queue a step's work on the device and return without waiting for it. Input tokens
-        not yet on the host (pending) are those the previous launched step sampled."""
+        not yet on the host (pending) are those the previous launched step sampled. With
+        `sample=False` the step stops at its logits: `sample` must follow before the next
+        launch (which reads the tokens it samples)."""
+        self._sample_now = sample
         self.release(step)
         self.encoder.run(step.chunks)
         start = time.perf_counter()
@@ -96,7 +106,7 @@ class ModelRunner:
             pending = self._pending_ids(step.chunks)
             self.prepare_seconds += time.perf_counter() - start
             logits = self.graphs.run(*inputs, pending=pending)
-            return self._sample(logits, [c.request for c in step.chunks])
+            return self._sample_or_hold(logits, [c.request for c in step.chunks])
         ids, ctx, image_embeds, image_rows = self._prepare_inputs(step.chunks, rows)
         self.prepare_seconds += time.perf_counter() - start
         if self._prefill_graph_step(step):
@@ -104,7 +114,9 @@ class ModelRunner:
             logits = self.prefill_graphs.run(
                 self.model.embed_inputs(ids, image_embeds, image_rows), ctx
             )
-            return self._sample(logits, [chunk.request]) if chunk.samples else _NOTHING_SAMPLED
+            if not chunk.samples:
+                return _NOTHING_SAMPLED
+            return self._sample_or_hold(logits, [chunk.request])
         hidden = self.model(ids, ctx, image_embeds, image_rows)
         sampling = [c for c in step.chunks if c.samples]
         if not sampling:
@@ -112,7 +124,18 @@ class ModelRunner:
         ends = itertools.accumulate(c.num_tokens for c in step.chunks)  # on the host: no sync
         last = [end - 1 for end, c in zip(ends, step.chunks, strict=True) if c.samples]
         logits = self.model.compute_logits(hidden[self._to_device(torch.tensor(last))])
-        return self._sample(logits, [c.request for c in sampling])
+        return self._sample_or_hold(logits, [c.request for c in sampling])
+
+    @torch.inference_mode()
+    def sample(self, launched: LaunchedStep, token_bitmask: torch.Tensor | None) -> LaunchedStep:
+        """Sample a step launched with `sample=False`, under a host bitmask of the tokens each
+        row may take ([rows, ceil(V / 32)] int32, or None for no constraint)."""
+        return self._sample(launched.logits, launched.requests, token_bitmask)
+
+    def _sample_or_hold(self, logits: torch.Tensor, requests: list[Request]) -> LaunchedStep:
+        if self._sample_now:
+            return self._sample(logits, requests)
+        return LaunchedStep(requests, None, None, logits)
 
     def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step and read its sampled tokens (and logprobs)."""
@@ -234,9 +257,14 @@ class ModelRunner:
         rows_device = self._to_device(torch.tensor(rows))
         return rows_device, self._sampled[self._to_device(torch.tensor(sources))]
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> LaunchedStep:
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        token_bitmask: torch.Tensor | None = None,
+    ) -> LaunchedStep:
         batch = SamplingBatch.from_rows(
-            [_sampling_row(r) for r in requests], self.vocab_size, self.device
+            [_sampling_row(r) for r in requests], self.vocab_size, self.device, token_bitmask
         )
         out = self.sampler(logits, batch)
         self._sampled = out.sampled_token_ids

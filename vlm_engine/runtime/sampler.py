@@ -1,10 +1,12 @@
 """Batched token sampling: one token per row of logits, each row with its own SamplingParams.
 
 Order of operations (as vLLM v1), all in float32:
-1. logprobs, if any row asks: log_softmax of the RAW model logits, before min_tokens, penalties,
-   temperature and truncation. They describe the model's distribution, not the processed one
-   the token was drawn from (vLLM's default "raw_logprobs" mode); a sampled token may thus
-   have rank > top_k.
+0. structured outputs: tokens a constrained row's grammar does not allow get -inf (xgrammar's
+   bitmask kernel: Triton on a GPU, its C++ loop on a CPU); unconstrained rows are untouched.
+1. logprobs, if any row asks: log_softmax of the model logits (after the grammar's mask),
+   before min_tokens, penalties, temperature and truncation. They describe the model's
+   distribution, not the processed one the token was drawn from (vLLM's default
+   "raw_logprobs" mode); a sampled token may thus have rank > top_k.
 2. min_tokens: a row's stop tokens get -inf until it has min_tokens output tokens.
 3. penalties: repetition over prompt + output tokens, presence and frequency over output tokens.
 4. greedy rows: argmax of the penalized logits.
@@ -65,10 +67,17 @@ class SamplingBatch:
     blocked_stop_ids: torch.Tensor | None  # [N] int64 row * V + token id, masked for min_tokens
     generators: dict[int, torch.Generator]  # row -> its request's generator (non-greedy rows)
     max_num_logprobs: int | None  # most top logprobs any row asks for; None if no row asks
+    # [B, ceil(V / 32)] int32 on the logits' device: bit t of row i set where row i may take
+    # token t (all set on unconstrained rows); None when no row is constrained
+    token_bitmask: torch.Tensor | None = None
 
     @classmethod
     def from_rows(
-        cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
+        cls,
+        rows: Sequence[SamplingRow],
+        vocab_size: int,
+        device: torch.device,
+        token_bitmask: torch.Tensor | None = None,
     ) -> SamplingBatch:
         if not rows:
             raise ValueError("a SamplingBatch needs at least one row")
@@ -105,6 +114,7 @@ class SamplingBatch:
             blocked_stop_ids=_blocked_stop_ids(rows, vocab_size, device),
             generators=_generators(rows, greedy, device),
             max_num_logprobs=max(logprobs, default=None),
+            token_bitmask=None if token_bitmask is None else to_device(token_bitmask, device),
         )
 
 
@@ -131,6 +141,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         _check_logits(logits, batch)
         logits = logits.to(torch.float32, copy=True)  # [B, V]; the caller's tensor stays intact
+        if batch.token_bitmask is not None:
+            apply_token_bitmask(logits, batch.token_bitmask)
         raw_logprobs = None if batch.max_num_logprobs is None else logits.log_softmax(-1)
         if batch.blocked_stop_ids is not None:
             # index_fill_ takes the value as a kernel argument; `logits[rows, ids] = value` would
@@ -168,6 +180,13 @@ class Sampler:
                 generator.manual_seed(self.seed)
             self._generators[device] = generator
         return self._generators[device]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """-inf where a row's bit is clear. In place; rows whose bits are all set are unchanged."""
+    import xgrammar  # loaded only by engines that constrain outputs
+
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1])
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
