@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/train_demo_model.py [--out DIR] [--steps N] [--threads 2]
 
-Prints the loss as it goes, the training wall time, and the held-out caption accuracy through
-the engine (greedy, default options: every cache on).
+Prints the loss as it goes, the training wall time, and the held-out accuracy through the
+engine (greedy, default options: every cache on) of the captions and of the JSON answers, those
+held to the demo schema by structured outputs and those written freely.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from pathlib import Path
 import torch
 
 from vlm_engine import Engine
-from vlm_engine.demo.evaluation import caption_images, held_out_examples, score_captions
+from vlm_engine.demo.evaluation import (
+    caption_images,
+    held_out_examples,
+    json_answers,
+    score_captions,
+    score_json,
+)
 from vlm_engine.demo.training import TrainingConfig, TrainingLog, train_demo_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "vlm_engine" / "assets" / "demo_model"
@@ -35,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=defaults.num_steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--json-share", type=float, default=defaults.json_share)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--eval-images", type=int, default=200, help="0 skips the evaluation")
@@ -44,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         num_steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        json_share=args.json_share,
         seed=args.seed,
         log_every=max(1, min(defaults.log_every, args.steps // 10)),
     )
@@ -64,6 +73,13 @@ def main(argv: list[str] | None = None) -> None:
         print("held-out accuracy through the engine:", score.summary())
         for expected, got in score.mistakes[:10]:
             print(f"  expected {expected!r}, got {got!r}")
+        scenes, images = [scene for _, scene in examples], [image for image, _ in examples]
+        for constrained in (True, False):
+            score = score_json(scenes, json_answers(engine, images, constrained))
+            how = "structured outputs" if constrained else "unconstrained"
+            print(f"held-out JSON answers ({how}):", score.summary())
+            for expected, got in score.mistakes[:5]:
+                print(f"  expected {expected!r}, got {got!r}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@
     summary = caption_images(engine, find_images(["*.png"]), "captions.csv", batch_size=64)
 
 Each image becomes one row, in input order: its path, its caption, and its error
-("CorruptImageError: ...") when the engine rejected it; the run goes on past bad images. The
+("CorruptImageError: ...") when the engine rejected it; the run goes on past bad images. Under
+a structured-outputs constraint (`SamplingParams.structured_outputs`: a JSON schema, a regex, a
+list of choices) each row also holds `parsed`: the JSON value the caption states (or, for a
+regex or choice, the caption itself); a caption that reached `max_tokens` before its constraint
+was complete is kept, with an `IncompleteOutputError` and no `parsed`. The
 engine is kept busy: the next batch is queued while the last one is still running. Rows are keyed by path: a run
 skips the images whose rows are already in the output file, so an interrupted run resumes
 where it stopped, and a last row cut off mid-write is dropped and redone.
@@ -26,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from vlm_engine.demo.model import DEMO_PROMPT, default_model_path, demo_request
 from vlm_engine.outputs import RequestOutput
-from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.sampling_params import SamplingParams, StructuredOutputs
+from vlm_engine.structured_output import grammars
 
 if TYPE_CHECKING:  # the engine (torch, transformers) loads only when one is started
     from vlm_engine.engine import Engine
@@ -35,6 +40,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 LIST_SUFFIXES = {".txt", ".lst"}
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 FIELDS = ("path", "caption", "error")
+STRUCTURED_FIELDS = (*FIELDS, "parsed")  # rows of a run under a structured-outputs constraint
 # Where the engine saw a bad request ("prompts[3]: request 'req-41': "): meaningless in a row
 # keyed by path, and different from run to run, so left out of the row's error.
 _BATCH_CONTEXT = re.compile(r"^(prompts\[\d+\]: )?request '[^']*': ")
@@ -132,9 +138,12 @@ class CaptionFile:
     that an interrupted run cut off, so appending goes on from complete rows.
     """
 
-    def __init__(self, path: str | Path, format: str | None = None):
+    def __init__(
+        self, path: str | Path, format: str | None = None, fields: tuple[str, ...] = FIELDS
+    ):
         self.path = Path(path)
         self.format = output_format(self.path, format)
+        self.fields = fields  # a CSV file's columns (JSONL rows hold the same keys)
         rows = self._read()
         self.done = {row["path"] for row in rows}
 
@@ -153,8 +162,8 @@ class CaptionFile:
         else:
             writer = csv.writer(buffer, lineterminator="\n")
             if header:
-                writer.writerow(FIELDS)
-            writer.writerows([row[name] or "" for name in FIELDS] for row in rows)
+                writer.writerow(self.fields)
+            writer.writerows([_csv_field(row.get(name)) for name in self.fields] for row in rows)
         return buffer.getvalue()
 
     def _read(self) -> list[dict[str, Any]]:
@@ -162,9 +171,11 @@ class CaptionFile:
             return []
         # A row cut off mid-character decodes with a replacement character; it is dropped anyway.
         text = self.path.read_bytes().decode("utf-8", errors="replace")
-        parse = _parse_jsonl if self.format == "jsonl" else _parse_csv
         try:
-            rows, complete = parse(text)
+            if self.format == "jsonl":
+                rows, complete = _parse_jsonl(text)
+            else:
+                rows, complete = _parse_csv(text, self.fields)
         except (ValueError, csv.Error) as e:
             raise CaptionFileError(
                 f"{self.path} is not a {self.format} caption file: {e}"
@@ -193,7 +204,14 @@ def _parse_jsonl(text: str) -> tuple[list[dict[str, Any]], bool]:
     return rows, not tail.strip()
 
 
-def _parse_csv(text: str) -> tuple[list[dict[str, Any]], bool]:
+def _csv_field(value: Any) -> str:
+    """A CSV cell: text as it is, a parsed value as JSON, nothing as an empty cell."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _parse_csv(text: str, fields: tuple[str, ...] = FIELDS) -> tuple[list[dict[str, Any]], bool]:
     """The complete rows, and whether there was no cut-off tail (a caption may span lines)."""
     buffer = io.StringIO(text, newline="")
     records = []
@@ -207,12 +225,12 @@ def _parse_csv(text: str) -> tuple[list[dict[str, Any]], bool]:
         if buffer.tell() < len(text):  # broken before the last line: not a cut-off tail
             raise
         complete = False  # cut off inside a quoted field; `records` holds the rows before it
-    if records and tuple(records[0]) != FIELDS:
-        raise ValueError(f"the header is {records[0]}, not {list(FIELDS)}")
+    if records and tuple(records[0]) != fields:
+        raise ValueError(f"the header is {records[0]}, not {list(fields)}")
     for number, record in enumerate(records[1:], 2):
-        if len(record) != len(FIELDS):
-            raise ValueError(f"record {number} has {len(record)} fields, not {len(FIELDS)}")
-    return [dict(zip(FIELDS, record, strict=True)) for record in records[1:]], complete
+        if len(record) != len(fields):
+            raise ValueError(f"record {number} has {len(record)} fields, not {len(fields)}")
+    return [dict(zip(fields, record, strict=True)) for record in records[1:]], complete
 
 
 # ---- captioning --------------------------------------------------------------------------------
@@ -237,7 +255,10 @@ def caption_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     params = params or SamplingParams(temperature=0, max_tokens=DEFAULT_MAX_TOKENS)
-    file = CaptionFile(output, format)
+    spec = params.structured_outputs
+    if spec is not None:
+        grammars.check(spec)  # a bad constraint fails the run, not each of its rows
+    file = CaptionFile(output, format, row_fields(params))
     paths = list(dict.fromkeys(str(image) for image in images))
     todo = [path for path in paths if path not in file.done]
     start = time.perf_counter()
@@ -255,13 +276,13 @@ def caption_images(
                     if isinstance(entry, str):
                         running[entry] = index
                     else:  # rejected: its row carries the error
-                        rows.add(index, _row(todo[index], entry))
+                        rows.add(index, _row(todo[index], entry, spec))
                 queued += len(batch)
                 continue
             for out in engine.step():
                 if out.finished and out.request_id in running:
                     index = running.pop(out.request_id)
-                    rows.add(index, _row(todo[index], out))
+                    rows.add(index, _row(todo[index], out, spec))
                     if progress is not None:
                         progress.update(1)
             rows.flush(batch_size)
@@ -316,7 +337,10 @@ def caption_sources(
     images = find_images(sources)
     if not images:
         raise FileNotFoundError("no images found in " + ", ".join(map(str, sources)))
-    done = CaptionFile(output, format).done
+    params = options.get("params")
+    if params is not None and params.structured_outputs is not None:
+        grammars.check(params.structured_outputs)  # before any engine starts
+    done = CaptionFile(output, format, row_fields(params)).done
     if all(str(image) in done for image in images):
         return CaptionSummary(0, len(images), 0, 0.0)
     from vlm_engine.engine import Engine
@@ -328,10 +352,45 @@ def caption_sources(
         return caption_images(engine, images, output, format=format, **options)
 
 
-def _row(path: str, out: RequestOutput) -> dict[str, Any]:
+def row_fields(params: SamplingParams | None) -> tuple[str, ...]:
+    """The fields of each row of a run with `params`."""
+    constrained = params is not None and params.structured_outputs is not None
+    return STRUCTURED_FIELDS if constrained else FIELDS
+
+
+class IncompleteOutputError(ValueError):
+    """A constrained caption stopped (at `max_tokens`) before its constraint was complete."""
+
+
+INCOMPLETE = (
+    "IncompleteOutputError: the caption reached max_tokens before its structured-outputs "
+    "constraint was complete; raise --max-tokens"
+)  # a row's error
+
+
+def structured_row(
+    row: dict[str, Any], spec: StructuredOutputs | None, finish_reason: str | None
+) -> dict[str, Any]:
+    """`row` with its `parsed` value under `spec` (unchanged without a constraint). A caption
+    cut off by the length limit keeps its text and gets an `IncompleteOutputError`."""
+    if spec is None:
+        return row
+    row = {**row, "parsed": None}
+    if row["error"] is not None or row["caption"] is None:
+        return row
+    if finish_reason == "length":
+        return {**row, "error": INCOMPLETE}
+    text = row["caption"]
+    row["parsed"] = json.loads(text) if spec.json is not None or spec.json_object else text
+    return row
+
+
+def _row(path: str, out: RequestOutput, spec: StructuredOutputs | None = None) -> dict[str, Any]:
     if out.error is None:
-        return {"path": path, "caption": out.text, "error": None}
-    return error_row(path, out.error)
+        row = {"path": path, "caption": out.text, "error": None}
+    else:
+        row = error_row(path, out.error)
+    return structured_row(row, spec, out.finish_reason)
 
 
 def error_row(path: str, error: Exception) -> dict[str, Any]:
@@ -351,9 +410,12 @@ __all__ = [
     "CaptionFile",
     "CaptionFileError",
     "CaptionSummary",
+    "IncompleteOutputError",
     "caption_images",
     "caption_sources",
     "error_row",
     "find_images",
     "output_format",
+    "row_fields",
+    "structured_row",
 ]

@@ -8,7 +8,9 @@ pictures of shapes (`vlm_engine.demo`); `--model DIR` takes any HF Gemma3 checkp
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from vlm_engine.captioning import (
     DEFAULT_BATCH_SIZE,
@@ -52,14 +54,21 @@ done; rows are written in input order. An image the engine rejects (corrupt, not
 missing) gets a row with its error ("CorruptImageError: ...") and the run goes on.
 Rerunning with the same output skips the images already in it, so an interrupted run resumes
 (a row cut off by the interruption is redone); delete a row to caption that image again.
-A summary (captioned, skipped, errors, elapsed, images/s) is printed at the end."""
+A summary (captioned, skipped, errors, elapsed, images/s) is printed at the end.
+With --json-schema, --regex, --choice or --grammar every caption is held to that constraint
+while it is decoded, and each row gains "parsed": the JSON value the caption states (for a
+regex, choice or grammar: the caption). A caption cut off by --max-tokens before its constraint
+is complete keeps its text and gets an IncompleteOutputError."""
 
 CAPTION_EPILOG = """\
 examples:
   vlm-engine caption examples/images -o captions.jsonl
   vlm-engine caption "photos/**/*.jpg" -o captions.csv --model ~/models/gemma-3-4b-it \\
       --prompt "Describe the image in one sentence." --max-tokens 96
-  vlm-engine caption todo.txt -o captions.jsonl --temperature 0.7 --top-p 0.9 --seed 0"""
+  vlm-engine caption todo.txt -o captions.jsonl --temperature 0.7 --top-p 0.9 --seed 0
+  vlm-engine caption examples/images -o shapes.jsonl --prompt "Describe the image as JSON." \
+      --json-schema schema.json --max-tokens 80
+  vlm-engine caption examples/images -o kinds.csv --choice circle --choice square"""
 
 DEMO_DESCRIPTION = """\
 Serve the Gradio web app: upload a picture, get its caption. Needs the app extra
@@ -93,6 +102,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             top_k=args.top_k,
             seed=args.seed,
+            structured_outputs=_constraint(args),
         )
         if args.ray is not None:
             return _caption_on_ray(args, params)
@@ -115,6 +125,27 @@ def cmd_caption(args: argparse.Namespace) -> int:
         args.parser.error(str(e))
     print(f"{summary} -> {args.output}")
     return 0
+
+
+def _constraint(args: argparse.Namespace) -> dict[str, object] | None:
+    """The structured-outputs constraint the options ask for, if any (at most one is given)."""
+    if args.json_schema is not None:
+        try:
+            return {"json": json.loads(Path(args.json_schema).read_text(encoding="utf-8"))}
+        except (OSError, ValueError) as e:
+            raise InvalidSamplingParamsError(
+                f"--json-schema {args.json_schema}: not a readable JSON file ({e})"
+            ) from None
+    if args.grammar is not None:
+        try:
+            return {"grammar": Path(args.grammar).read_text(encoding="utf-8")}
+        except OSError as e:
+            raise InvalidSamplingParamsError(f"--grammar {args.grammar}: {e}") from None
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice is not None:
+        return {"choice": args.choice}
+    return None
 
 
 def _caption_on_ray(args: argparse.Namespace, params: SamplingParams) -> int:
@@ -198,6 +229,24 @@ def add_caption_parser(sub) -> None:
     cap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
     cap.add_argument("--top-k", type=int, default=0, help="0 disables top-k (default: 0)")
     cap.add_argument("--seed", type=int, default=None, help="sampling seed of each request")
+    constraint = cap.add_mutually_exclusive_group()
+    constraint.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="hold each caption to the JSON schema in FILE (rows gain the parsed object)",
+    )
+    constraint.add_argument(
+        "--regex", metavar="PATTERN", help="hold each caption to a regular expression"
+    )
+    constraint.add_argument(
+        "--choice",
+        action="append",
+        metavar="TEXT",
+        help="each caption is exactly one of the choices (repeat the option for each)",
+    )
+    constraint.add_argument(
+        "--grammar", metavar="FILE", help="hold each caption to the EBNF grammar in FILE"
+    )
     cap.add_argument(
         "--ec-connector",
         default=None,

@@ -14,8 +14,22 @@ from dataclasses import dataclass
 from PIL import Image
 
 from vlm_engine.demo.batches import IMAGE_SIZES
-from vlm_engine.demo.model import DEMO_MAX_TOKENS, demo_request
-from vlm_engine.demo.shapes import ATTRIBUTES, ShapeScene, caption, make_example, parse_caption
+from vlm_engine.demo.model import (
+    DEMO_JSON_MAX_TOKENS,
+    DEMO_JSON_PROMPT,
+    DEMO_MAX_TOKENS,
+    demo_request,
+    demo_schema,
+)
+from vlm_engine.demo.shapes import (
+    ATTRIBUTES,
+    ShapeScene,
+    caption,
+    make_example,
+    parse_caption,
+    scene_from_json,
+    scene_json,
+)
 from vlm_engine.engine import Engine
 from vlm_engine.sampling_params import SamplingParams
 
@@ -60,6 +74,42 @@ def caption_images(engine: Engine, images: Sequence[Image.Image]) -> list[str]:
     params = SamplingParams(temperature=0, max_tokens=DEMO_MAX_TOKENS)
     outputs = engine.generate([demo_request(image) for image in images], params)
     return [out.text for out in outputs]
+
+
+def json_answers(
+    engine: Engine, images: Sequence[Image.Image], constrained: bool = True
+) -> list[str]:
+    """The engine's greedy JSON answer for each image, held to ``demo_schema()`` by structured
+    outputs (or, with ``constrained=False``, as the model writes it)."""
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=DEMO_JSON_MAX_TOKENS,
+        structured_outputs={"json": demo_schema()} if constrained else None,
+    )
+    requests = [demo_request(image, DEMO_JSON_PROMPT) for image in images]
+    return [out.text for out in engine.generate(requests, params)]
+
+
+def score_json(scenes: Sequence[ShapeScene], answers: Sequence[str]) -> CaptionScore:
+    """Compare each JSON answer with its scene; one that does not parse gets nothing right."""
+    if len(scenes) != len(answers) or not scenes:
+        raise ValueError("need one answer per scene, and at least one scene")
+    correct = dict.fromkeys(ATTRIBUTES, 0)
+    all_correct = canonical = 0
+    mistakes = []
+    for scene, text in zip(scenes, answers, strict=True):
+        try:
+            stated = scene_from_json(text)
+            matches = {name: getattr(stated, name) == getattr(scene, name) for name in ATTRIBUTES}
+        except ValueError:
+            matches = dict.fromkeys(ATTRIBUTES, False)
+        for name, right in matches.items():
+            correct[name] += right
+        all_correct += all(matches.values())
+        canonical += text == scene_json(scene)
+        if not all(matches.values()):
+            mistakes.append((scene_json(scene), text))
+    return CaptionScore(len(scenes), correct, all_correct, canonical, tuple(mistakes))
 
 
 def score_captions(scenes: Sequence[ShapeScene], captions: Sequence[str]) -> CaptionScore:

@@ -5,9 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# The one instruction the demo model was trained on; the chat turn is the image, then this text.
-DEMO_PROMPT = "Describe the image."
+# The instructions the demo model was trained on; the chat turn is the image, then this text.
+DEMO_PROMPT = "Describe the image."  # answered with a caption
+DEMO_JSON_PROMPT = "Describe the image as JSON."  # answered with DEMO_SCHEMA's object
 DEMO_MAX_TOKENS = 24  # the longest caption is 13 tokens, then <end_of_turn>
+DEMO_JSON_MAX_TOKENS = 72  # the longest JSON answer is 58 tokens, then <end_of_turn>
+
+
+def demo_schema() -> dict[str, Any]:
+    """The JSON schema of the demo model's JSON answers: every attribute of a picture, in the
+    order the model writes them (``shapes.scene_json``)."""
+    from vlm_engine.demo.shapes import BACKGROUNDS, COLORS, COUNTS, KINDS, POSITIONS
+
+    return {
+        "type": "object",
+        "properties": {
+            "shape": {"enum": list(KINDS)},
+            "color": {"enum": list(COLORS)},
+            "count": {"type": "integer", "minimum": min(COUNTS), "maximum": max(COUNTS)},
+            "position": {"enum": list(POSITIONS)},
+            "background": {"enum": list(BACKGROUNDS)},
+        },
+        "required": ["shape", "color", "count", "position", "background"],
+        "additionalProperties": False,
+    }
 
 
 def default_model_path() -> Path:

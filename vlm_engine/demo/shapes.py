@@ -24,6 +24,7 @@ the caller's ``random.Random``: one seed, one picture.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -113,6 +114,35 @@ def caption(scene: ShapeScene) -> str:
     noun = scene.kind if scene.count == 1 else scene.kind + "s"
     position = POSITION_PHRASES[scene.position]
     return f"{COUNT_WORDS[scene.count]} {scene.color} {noun} {position} a {scene.background} background"
+
+
+def scene_json(scene: ShapeScene) -> str:
+    """The scene as the demo model's JSON answer, e.g. ``{"shape": "circle", "color": "red",
+    "count": 2, "position": "left", "background": "white"}`` (``json.dumps`` spacing, which
+    structured outputs write by default)."""
+    return json.dumps(
+        {
+            "shape": scene.kind,
+            "color": scene.color,
+            "count": scene.count,
+            "position": scene.position,
+            "background": scene.background,
+        }
+    )
+
+
+def scene_from_json(text: str) -> ShapeScene:
+    """The scene a JSON answer states; ValueError if it does not parse or state one."""
+    values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"a JSON answer is an object, got {text!r}")
+    try:
+        return ShapeScene(
+            values["shape"], values["color"], values["position"], values["count"],
+            values["background"],
+        )  # fmt: skip
+    except KeyError as e:
+        raise ValueError(f"the JSON answer has no {e.args[0]!r}: {text!r}") from None
 
 
 @dataclass(frozen=True)

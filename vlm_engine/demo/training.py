@@ -1,4 +1,5 @@
-"""Train the demo model from scratch on a CPU: a Gemma3 vision-language model that captions shapes.
+"""Train the demo model from scratch on a CPU: a Gemma3 vision-language model that captions shapes
+(in words, or as JSON: ``json_share`` of the batches).
 
 The architecture is a small copy of Gemma3-4B's (SigLIP tower, avg-pool projector, decoder with
 sliding and full attention layers, GQA, q/k norms, tied embeddings), set out in ``DEMO_SPEC``.
@@ -57,8 +58,9 @@ DEMO_SPEC = TinySpec(
 class TrainingConfig:
     """Optimizer and schedule: AdamW, linear warm-up, cosine decay to ``min_lr_ratio``."""
 
-    num_steps: int = 2500
+    num_steps: int = 3000
     batch_size: int = 32
+    json_share: float = 0.5  # of the batches: JSON answers (the rest: captions)
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
@@ -75,12 +77,15 @@ class TrainingConfig:
         for field in fields(self):
             value = getattr(self, field.name)
             if (
-                field.name not in ("seed", "weight_decay", "vision_lr_scale", "device")
+                field.name
+                not in ("seed", "weight_decay", "vision_lr_scale", "device", "json_share")
                 and value <= 0
             ):
                 raise ValueError(f"{field.name} must be positive, got {value}")
         if self.min_lr_ratio > 1 or self.weight_decay < 0:
             raise ValueError("min_lr_ratio must be at most 1 and weight_decay at least 0")
+        if not 0 <= self.json_share <= 1:
+            raise ValueError(f"json_share must be in [0, 1], got {self.json_share}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,8 @@ def train_demo_model(
     model.train()
     start, recent_losses = time.perf_counter(), []
     for step in range(1, config.num_steps + 1):
-        batch = batcher.sample(rng, config.batch_size).model_inputs()
+        task = "json" if rng.random() < config.json_share else "caption"
+        batch = batcher.sample(rng, config.batch_size, task).model_inputs()
         loss = model(**{name: t.to(config.device) for name, t in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

@@ -38,15 +38,19 @@ from blake3 import blake3
 
 from vlm_engine.captioning import (
     DEFAULT_MAX_TOKENS,
+    INCOMPLETE,
     CaptionFile,
     CaptionSummary,
     error_row,
     find_images,
+    row_fields,
+    structured_row,
 )
 from vlm_engine.demo.model import DEMO_PROMPT, default_model_path, demo_request
 from vlm_engine.errors import InvalidInputError
 from vlm_engine.frontend.image_io import read_image_file
 from vlm_engine.sampling_params import SamplingParams
+from vlm_engine.structured_output import grammars
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_IN_FLIGHT = 4  # batches each replica works on at once
@@ -93,15 +97,17 @@ def caption_dataset(
 
     if batch_size < 1 or in_flight < 1:
         raise ValueError(f"batch_size and in_flight must be >= 1, got {batch_size}, {in_flight}")
+    params = params or SamplingParams(temperature=0, max_tokens=DEFAULT_MAX_TOKENS)
+    if params.structured_outputs is not None:
+        grammars.check(params.structured_outputs)  # before Ray or any replica starts
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    file = CaptionFile(output, format) if output is not None else None
+    file = CaptionFile(output, format, row_fields(params)) if output is not None else None
     skipped = len(file.done) if file is not None else 0
     dataset = _todo(inputs, file.done if file is not None else set())
-    params = params or SamplingParams(temperature=0, max_tokens=DEFAULT_MAX_TOKENS)
     job = Job(str(model or default_model_path()), prompt, params, dict(engine_options or {}))
     pipeline = _Pipeline(job, replicas or _default_replicas(), batch_size, in_flight)
-    writer = _Writer(file, on_rows)
+    writer = _Writer(file, on_rows, params)
     orphans = writer.take(pipeline.run(dataset))
     if orphans:  # images claimed by a replica that died: caption them now
         items = [{"path": paths[0], "bytes": data} for paths, data in orphans.values()]
@@ -287,14 +293,17 @@ class CaptionReplica:
 
     async def _caption(self, source: str | bytes) -> tuple[str | None, str | None]:
         self._start()
-        text = None
+        text = finish = None
         try:
             async for out in self.engine.generate(demo_request(source, self.prompt), self.params):
                 text = out.text if text is None else text + out.text
+                finish = out.finish_reason
         except InvalidInputError as e:
             return None, error_row("", e)["error"]
         finally:
             self._end()
+        if finish == "length" and self.params.structured_outputs is not None:
+            return text, INCOMPLETE  # the text is kept in its row
         return text, None
 
     def _start(self) -> None:
@@ -314,9 +323,15 @@ class CaptionReplica:
 class _Writer:
     """Rows to the output file (or kept, without one), and what they were."""
 
-    def __init__(self, file: CaptionFile | None, on_rows: Callable[[list[Row]], None] | None):
+    def __init__(
+        self,
+        file: CaptionFile | None,
+        on_rows: Callable[[list[Row]], None] | None,
+        params: SamplingParams,
+    ):
         self.file = file
         self.on_rows = on_rows
+        self.spec = params.structured_outputs
         self.rows: list[Row] = []
         self.written: set[str] = set()
         self.num_rows = self.num_errors = self.num_duplicates = 0
@@ -336,7 +351,7 @@ class _Writer:
             if row["kind"] == UNREADABLE:
                 self._write([path], None, error)
             elif row["kind"] == CAPTIONED:
-                captions[digest] = (None, error) if error else (caption or "", None)
+                captions[digest] = (caption or None, error) if error else (caption or "", None)
                 paths = known[digest][0] if known else [path]
                 self._write(paths + waiting.pop(digest, []), *captions[digest])
             elif digest in captions:
@@ -353,7 +368,10 @@ class _Writer:
         fresh = [p for p in paths if p not in self.written]  # a retried batch's second answer
         if not fresh:
             return
-        rows = [{"path": path, "caption": caption, "error": error} for path in fresh]
+        rows = [
+            structured_row({"path": path, "caption": caption, "error": error}, self.spec, None)
+            for path in fresh
+        ]
         if self.file is not None:
             self.file.append(rows)
         else:

@@ -119,11 +119,6 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(
-                400, f"response_format {body.response_format.type!r} is not supported yet; "
-                "only 'text'", "invalid_request_error",
-            )  # fmt: skip
         check_capacity()
         stream = ChatStream(engine, body, config, metrics, state["http"])
         return await _answer(stream, body.stream, request)
@@ -232,9 +227,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _param_of(error: InvalidInputError) -> str | None:
-    """The sampling field an `InvalidSamplingParamsError` names first, if any."""
-    word = str(error).split(" ", 1)[0]
-    return word if word.isidentifier() else None
+    """The sampling field an `InvalidSamplingParamsError` names first, if any (dotted for a
+    field inside another, e.g. ``structured_outputs.json``)."""
+    word = str(error).split(" ", 1)[0].rstrip(":")
+    return word if all(part.isidentifier() for part in word.split(".")) else None
 
 
 class _TooLarge(Exception):

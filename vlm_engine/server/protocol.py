@@ -2,7 +2,8 @@
 
 Requests accept and ignore fields the server does not use (clients send more than they need);
 the fields below are validated as OpenAI documents them. vLLM's sampling extensions are accepted
-where they map onto `SamplingParams`.
+where they map onto `SamplingParams`, and its `structured_outputs` beside OpenAI's
+`response_format`.
 """
 
 from __future__ import annotations
@@ -44,8 +45,30 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
 class ResponseFormat(_Request):
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's `structured_outputs` extension: exactly one constraint. Unknown keys are an
+    error, so that a misspelt constraint never leaves the output unconstrained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
 
 
 class SamplingFields(_Request):
@@ -71,6 +94,8 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     cache_salt: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -78,7 +103,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):

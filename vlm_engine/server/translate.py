@@ -14,6 +14,9 @@ from vlm_engine.server import protocol as p
 from vlm_engine.server.media import MediaPolicy, resolve_image
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
+# JSON has no infinity: a token a grammar rules out (logprob -inf) is reported with this
+# (as vLLM's server does).
+MIN_LOGPROB = -9999.0
 
 
 def sampling_params(
@@ -39,8 +42,33 @@ def sampling_params(
         ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,
         logprobs=logprobs,
+        structured_outputs=structured_outputs(request),
         **{name: value for name, value in optional.items() if value is not None},
     )
+
+
+def structured_outputs(request: p.SamplingFields) -> dict[str, Any] | None:
+    """The request's constraint: OpenAI's `response_format` (json_object, json_schema) or
+    vLLM's `structured_outputs` (json, regex, choice, grammar, json_object), not both."""
+    fmt, extra = request.response_format, request.structured_outputs
+    if fmt is not None and fmt.type != "text" and extra is not None:
+        raise InvalidSamplingParamsError(
+            "give either response_format or structured_outputs, not both"
+        )
+    if extra is not None:
+        values = extra.model_dump(by_alias=True, exclude_none=True)
+        if "disable_any_whitespace" in values:
+            values["any_whitespace"] = not values.pop("disable_any_whitespace")
+        return values
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"json_object": True}
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise InvalidSamplingParamsError(
+            "response_format.json_schema.schema is required with type json_schema"
+        )
+    return {"json": fmt.json_schema.schema_}
 
 
 def chat_logprobs_count(request: p.ChatCompletionRequest) -> int | None:
@@ -109,14 +137,19 @@ def chat_logprobs(entries: list[list[Logprob]] | None) -> p.ChatLogprobs | None:
     return p.ChatLogprobs(content=[_token_logprob(entry) for entry in entries])
 
 
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
 def _token_logprob(entry: list[Logprob]) -> p.TokenLogprob:
     sampled, *top = entry
     return p.TokenLogprob(
         token=sampled.text,
-        logprob=sampled.logprob,
+        logprob=_finite(sampled.logprob),
         bytes=list(sampled.text.encode()),
         top_logprobs=[
-            p.TopLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode())) for t in top
+            p.TopLogprob(token=t.text, logprob=_finite(t.logprob), bytes=list(t.text.encode()))
+            for t in top
         ],
     )
 
@@ -131,8 +164,8 @@ def completion_logprobs(completion: CompletionOutput) -> p.CompletionLogprobs | 
         offset += len(entry[0].text)
     return p.CompletionLogprobs(
         tokens=[entry[0].text for entry in entries],
-        token_logprobs=[entry[0].logprob for entry in entries],
-        top_logprobs=[{t.text: t.logprob for t in entry[1:]} for entry in entries],
+        token_logprobs=[_finite(entry[0].logprob) for entry in entries],
+        top_logprobs=[{t.text: _finite(t.logprob) for t in entry[1:]} for entry in entries],
         text_offset=offsets,
     )
 
