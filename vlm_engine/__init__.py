@@ -19,6 +19,7 @@ _EXPORTS = {
     "RequestMetrics": "vlm_engine.outputs",
     "RequestOutput": "vlm_engine.outputs",
     "SamplingParams": "vlm_engine.sampling_params",
+    "StructuredOutputs": "vlm_engine.sampling_params",
     "VisionLanguagePipeline": "vlm_engine.pipeline",
     "CheckpointError": "vlm_engine.errors",
     "ConfigError": "vlm_engine.errors",
@@ -45,6 +46,7 @@ __all__ = [
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputs",
     "UnsupportedModelError",
     "VisionLanguagePipeline",
     "VlmEngineError",
@@ -68,7 +70,7 @@ if TYPE_CHECKING:
     )
     from vlm_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from vlm_engine.pipeline import VisionLanguagePipeline
-    from vlm_engine.sampling_params import SamplingParams
+    from vlm_engine.sampling_params import SamplingParams, StructuredOutputs
 
 
 def __getattr__(name: str) -> Any:

@@ -22,8 +22,14 @@ from vlm_engine.captioning import (
     find_images,
 )
 from vlm_engine.cli import main
-from vlm_engine.demo import default_model_path, demo_request
-from vlm_engine.demo.shapes import ShapeScene, make_example, parse_caption
+from vlm_engine.demo import (
+    DEMO_JSON_MAX_TOKENS,
+    DEMO_JSON_PROMPT,
+    default_model_path,
+    demo_request,
+    demo_schema,
+)
+from vlm_engine.demo.shapes import KINDS, ShapeScene, make_example, parse_caption, scene_json
 
 REPO = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(temperature=0, max_tokens=DEFAULT_MAX_TOKENS)
@@ -211,9 +217,52 @@ def test_caption_command(engine, tmp_path, capsys):
     assert "captioned 0 images, skipped 3 already done" in capsys.readouterr().out
 
 
+def test_caption_command_with_a_json_schema_writes_the_parsed_scene(tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "shapes.jsonl"
+    scenes = draw_pictures(images, range(4))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(demo_schema()))
+    argv = ["caption", str(images), "-o", str(out), "--prompt", DEMO_JSON_PROMPT, "--quiet",
+            "--json-schema", str(schema), "--max-tokens", str(DEMO_JSON_MAX_TOKENS)]  # fmt: skip
+    assert main(argv) == 0
+    assert "captioned 4 images, skipped 0 already done, 0 errors" in capsys.readouterr().out
+    rows = read_rows(out)
+    for path, scene in scenes.items():
+        row = rows[str(path)]
+        assert set(row) == {"path", "caption", "error", "parsed"} and row["error"] is None
+        assert row["parsed"] == json.loads(row["caption"]) == json.loads(scene_json(scene))
+
+
+def test_caption_command_choice_to_csv_and_cut_off_rows(tmp_path, capsys):
+    images = tmp_path / "images"
+    scenes = draw_pictures(images, range(3))
+    out = tmp_path / "kinds.csv"
+    choices = [arg for kind in KINDS for arg in ("--choice", kind)]
+    argv = ["caption", str(images), "-o", str(out), "--quiet", *choices]
+    assert main(argv) == 0
+    with open(out, newline="") as f:
+        assert next(csv.reader(f)) == ["path", "caption", "error", "parsed"]
+    for row in read_rows(out).values():
+        assert row["caption"] in KINDS and row["parsed"] == row["caption"] and not row["error"]
+    assert main(argv) == 0  # a rerun resumes the same file
+    assert "skipped 3 already done" in capsys.readouterr().out
+    # Too few tokens for the JSON: the text is kept and the row says why it has no value.
+    cut = tmp_path / "cut.jsonl"
+    params = SamplingParams(temperature=0, max_tokens=4, structured_outputs={"json": demo_schema()})
+    with Engine(default_model_path()) as engine:
+        summary = caption_images(engine, list(scenes), cut, DEMO_JSON_PROMPT, params)
+    assert summary.num_errors == 3
+    for row in read_rows(cut).values():
+        assert row["error"].startswith("IncompleteOutputError") and row["parsed"] is None
+        assert row["caption"].startswith("{")
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
+        (["-o", "c.jsonl", "--regex", "(unclosed"], "structured_outputs.regex"),
+        (["-o", "c.jsonl", "--json-schema", "missing.json"], "--json-schema missing.json"),
+        (["-o", "c.jsonl", "--regex", "a", "--choice", "b"], "not allowed with"),
         (["-o", "captions.txt"], "cannot tell the format"),
         (["-o", "c.jsonl", "--temperature", "-1"], "temperature"),
         (["-o", "c.jsonl", "--batch-size", "0"], "positive"),

@@ -15,8 +15,14 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
 from vlm_engine import Engine
-from vlm_engine.demo import DEMO_MAX_TOKENS, DEMO_PROMPT, default_model_path
-from vlm_engine.demo.evaluation import caption_images, held_out_examples, score_captions
+from vlm_engine.demo import DEMO_MAX_TOKENS, DEMO_PROMPT, default_model_path, demo_schema
+from vlm_engine.demo.evaluation import (
+    caption_images,
+    held_out_examples,
+    json_answers,
+    score_captions,
+    score_json,
+)
 from vlm_engine.demo.shapes import ATTRIBUTES, parse_caption
 
 pytestmark = pytest.mark.transformers
@@ -73,6 +79,23 @@ def test_held_out_captions_are_right(engine, held_out, engine_captions):
     assert score.all_correct_rate >= MIN_ALL_CORRECT, f"{score.summary()}; mistakes: {mistakes}"
     for name in ATTRIBUTES:
         assert score.accuracy(name) >= MIN_ALL_CORRECT, score.summary()
+
+
+def test_held_out_json_answers_are_right_and_always_parse(engine, held_out):
+    """Asked for JSON, the model answers with its scene's object; held to the demo schema by
+    structured outputs, every answer parses and validates, and at least 90% are right."""
+    jsonschema = pytest.importorskip("jsonschema", reason="validates the answers")
+    scenes, images = [scene for _, scene in held_out], [image for image, _ in held_out]
+    answers = json_answers(engine, images)
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), demo_schema())
+    score = score_json(scenes, answers)
+    mistakes = "; ".join(f"{want} -> {got}" for want, got in score.mistakes[:5])
+    assert score.all_correct_rate >= MIN_ALL_CORRECT, f"{score.summary()}; mistakes: {mistakes}"
+    assert score.canonical == score.all_correct  # right answers are written as scene_json writes
+    # The model learned the format itself too; the constraint makes it a guarantee.
+    free = score_json(scenes[:40], json_answers(engine, images[:40], constrained=False))
+    assert free.all_correct_rate >= MIN_ALL_CORRECT, free.summary()
 
 
 def test_cache_hits_give_the_same_captions(engine, held_out, engine_captions):

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import random
+import re
 import signal
+from typing import Literal
 
 import pytest
 from bad_inputs import png_header
@@ -17,13 +21,26 @@ openai = pytest.importorskip("openai", reason="the server tests drive the offici
 pytest.importorskip("fastapi", reason="the server needs the serve extra")
 
 import httpx  # noqa: E402  (the openai client's own HTTP library)
+import pydantic  # noqa: E402
 from server_helpers import MODEL, chat, metric, picture, wait_for_idle  # noqa: E402
 
 from vlm_engine import Engine, SamplingParams  # noqa: E402
-from vlm_engine.demo.model import default_model_path  # noqa: E402
+from vlm_engine.demo.model import DEMO_JSON_PROMPT, default_model_path  # noqa: E402
+from vlm_engine.demo.shapes import make_example, scene_json  # noqa: E402
 from vlm_engine.testing.server_process import ServerProcess  # noqa: E402
 
 API_KEY = "sk-test-key"
+
+
+def json_picture(seed: int) -> tuple[str, dict]:
+    """A demo picture as a data: URL, and the JSON object the demo model answers for it."""
+    image, scene = make_example(random.Random(seed))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return url, json.loads(scene_json(scene))
+
+
 MAX_MODEL_LEN = 256
 
 
@@ -126,6 +143,75 @@ def test_logprobs_and_usage_equal_the_engines(client):
         assert theirs.logprob == pytest.approx(ours[0].logprob, abs=1e-5)
         assert [t.token for t in theirs.top_logprobs] == [t.text for t in ours[1:]]
         assert theirs.logprob == pytest.approx(theirs.top_logprobs[0].logprob)  # greedy: the top
+
+
+# --- structured outputs ---------------------------------------------------------------------
+
+
+class Scene(pydantic.BaseModel):
+    """The demo model's JSON answer, as a client application would declare it."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    shape: Literal["circle", "square", "triangle", "star"]
+    color: Literal["red", "green", "blue", "yellow", "purple"]
+    count: int = pydantic.Field(ge=1, le=3)
+    position: Literal["left", "center", "right"]
+    background: Literal["white", "gray", "pink"]
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_the_clients_parse_gets_the_scene_as_an_object(client, seed):
+    """The official client's `parse` sends the pydantic model as a strict JSON schema and reads
+    the answer back into it."""
+    url, scene = json_picture(seed)
+    answer = client.chat.completions.parse(
+        model=MODEL, messages=chat(url, DEMO_JSON_PROMPT), temperature=0, max_tokens=80,
+        response_format=Scene,
+    )  # fmt: skip
+    parsed = answer.choices[0].message.parsed
+    assert isinstance(parsed, Scene) and answer.choices[0].finish_reason == "stop"
+    assert parsed.model_dump() == scene
+
+
+def test_response_format_json_object_and_schema_stream(client):
+    url, _ = json_picture(4)
+    answer = client.chat.completions.create(
+        model=MODEL, messages=chat(url, DEMO_JSON_PROMPT), temperature=0, max_tokens=80,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+    schema = {"type": "object", "properties": {"shape": {"enum": ["circle", "star"]}},
+              "required": ["shape"]}  # fmt: skip
+    stream = client.chat.completions.create(
+        model=MODEL, messages=chat(url, DEMO_JSON_PROMPT), temperature=1.0, seed=2,
+        max_tokens=80, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert json.loads(text)["shape"] in ("circle", "star")
+
+
+def test_choice_regex_and_grammar_through_structured_outputs(client):
+    url, _ = picture(2)
+    choices = ["a circle", "a square", "something else"]
+    answer = client.chat.completions.create(
+        model=MODEL, messages=chat(url), temperature=0, max_tokens=20, logprobs=True,
+        top_logprobs=5, extra_body={"structured_outputs": {"choice": choices}},
+    )  # fmt: skip
+    assert answer.choices[0].message.content in choices
+    for token in answer.choices[0].logprobs.content:  # ruled-out tokens: finite, very unlikely
+        assert all(-9999.0 <= t.logprob <= 0 for t in token.top_logprobs)
+    completion = client.completions.create(
+        model=MODEL, prompt="The code is", max_tokens=20, temperature=1.0, seed=1,
+        extra_body={"structured_outputs": {"regex": "[A-Z]{3}-[0-9]{2}"}},
+    )  # fmt: skip
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", completion.choices[0].text)
+    grammar = 'root ::= "(" [0-9] (("+" | "-") [0-9]){0,2} ")"'
+    completion = client.completions.create(
+        model=MODEL, prompt="A sum:", max_tokens=20, temperature=0,
+        extra_body={"structured_outputs": {"grammar": grammar}},
+    )  # fmt: skip
+    assert re.fullmatch(r"\([0-9]([+-][0-9]){0,2}\)", completion.choices[0].text)
 
 
 def test_completions_take_text_prompts(client):
@@ -272,14 +358,55 @@ BAD_REQUESTS = {
         404,
         None,
     ),
-    "structured-output-not-yet": (
+    "schema-the-engine-cannot-hold": (
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+            },
+        },
+        400,
+        "structured_outputs.json",
+    ),
+    "json-schema-without-a-schema": (
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+        },
+        400,
+        "response_format",
+    ),
+    "unknown-response-format": (
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "yaml"},
+        },
+        400,
+        "response_format",
+    ),
+    "two-constraints": (
         {
             "model": MODEL,
             "messages": [{"role": "user", "content": "hi"}],
             "response_format": {"type": "json_object"},
+            "structured_outputs": {"regex": "a+"},
         },
         400,
         None,
+    ),
+    "misspelt-constraint": (
+        {"model": MODEL, "prompt": "hi", "structured_outputs": {"choices": ["a", "b"]}},
+        400,
+        "structured_outputs",
+    ),
+    "bad-regex": (
+        {"model": MODEL, "prompt": "hi", "structured_outputs": {"regex": "(unclosed"}},
+        400,
+        "structured_outputs.regex",
     ),
     "too-many-samples": (
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 1000},
