@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import threading
 
 import pytest
 
@@ -324,3 +325,57 @@ def test_a_bad_constraint_fails_its_request_alone(checkpoint, name):
         for out in (outputs[0], outputs[2]):
             assert_valid(out.text, out.finish_reason, SCHEMAS[1])
         assert engine.core.all_blocks_free()
+
+
+def test_a_new_grammar_compiles_off_the_scheduling_path(checkpoint):
+    """While a constraint compiles, its request waits outside the scheduler and the other
+    requests keep stepping; an abort reaches a request still waiting; once compiled, the request
+    runs. (The compile is held back on purpose, with the real xgrammar compile behind it.)"""
+    with Engine(checkpoint, **OPTIONS) as engine:
+        core = engine.core.engine_core
+        release = threading.Event()
+        compile_for_real = core.structured._compile
+
+        def held_compile(spec):
+            assert release.wait(60)
+            return compile_for_real(spec)
+
+        core.structured._compile = held_compile
+        free = SamplingParams(temperature=0, max_tokens=12, min_tokens=12, ignore_eos=True)
+        held = SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                              structured_outputs={"json": SCHEMAS[2]})  # fmt: skip
+        engine.add_request("free running", free, request_id="free")
+        engine.add_request("held back", held, request_id="held")
+        engine.add_request("aborted while waiting", held, request_id="gone")
+        finished = {}
+        for _ in range(12):
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        assert set(finished) == {"free"} and len(finished["free"].token_ids) == 12
+        stats = engine.stats()
+        assert stats["structured_outputs"]["waiting_for_grammar"] == 2
+        assert stats["scheduler"]["num_waiting"] == 0  # not in the scheduler's queue
+        engine.abort_request("gone")
+        release.set()
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        assert set(finished) == {"free", "held"}
+        assert_valid(finished["held"].text, finished["held"].finish_reason, SCHEMAS[2])
+        assert engine.stats()["structured_outputs"]["grammars_compiled"] == 1
+        assert engine.core.all_blocks_free()
+
+
+def test_warm_up_builds_the_vocabulary_tables_before_any_request(checkpoint):
+    """What a GPU engine does at start (here called by hand): the first constrained request then
+    waits for its own grammar only."""
+    with Engine(checkpoint, **OPTIONS) as engine:
+        manager = engine.core.engine_core.structured
+        manager.warm_up().result(60)
+        assert manager._compiler is not None and set(manager._json_masks) == {False, True}
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                structured_outputs={"json": SCHEMAS[0]})  # fmt: skip
+        (out,) = engine.generate("after the warm-up", params)
+        assert_valid(out.text, out.finish_reason, SCHEMAS[0])

@@ -76,6 +76,8 @@ class EngineCore:
                 load_tokenizer, self.runner.vocab_size, model.config.eos_token_ids,
                 config.max_num_seqs, self.runner.device,
             )  # fmt: skip
+            if self.runner.device.type == "cuda":  # a serving engine: no first-request stall
+                self.structured.warm_up()
         self._compiling: dict[str, tuple[Request, Future]] = {}
         self._rejected: list[EngineCoreOutput] = []  # outputs of requests that could not run
         if config.use_cuda_graphs and self.runner.device.type == "cuda":

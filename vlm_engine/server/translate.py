@@ -12,6 +12,7 @@ from vlm_engine.outputs import CompletionOutput, Logprob, RequestOutput
 from vlm_engine.sampling_params import SamplingParams
 from vlm_engine.server import protocol as p
 from vlm_engine.server.media import MediaPolicy, resolve_image
+from vlm_engine.structured_output import grammars
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
 # JSON has no infinity: a token a grammar rules out (logprob -inf) is reported with this
@@ -31,7 +32,7 @@ def sampling_params(
         "min_p": request.min_p,
         "repetition_penalty": request.repetition_penalty,
     }
-    return SamplingParams(
+    params = SamplingParams(
         n=request.n,
         max_tokens=max_model_len if max_tokens is None else max_tokens,
         min_tokens=request.min_tokens,
@@ -45,6 +46,9 @@ def sampling_params(
         structured_outputs=structured_outputs(request),
         **{name: value for name, value in optional.items() if value is not None},
     )
+    if params.structured_outputs is not None:
+        grammars.check(params.structured_outputs)  # here, so the error names the field alone
+    return params
 
 
 def structured_outputs(request: p.SamplingFields) -> dict[str, Any] | None:

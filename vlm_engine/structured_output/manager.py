@@ -80,6 +80,17 @@ class StructuredOutputManager:
 
     # -- grammars ------------------------------------------------------------------------
 
+    def warm_up(self) -> Future:
+        """Build the vocabulary's tables now, on a worker thread, so that the first constrained
+        request waits for its own grammar only (seconds for a 262k-token vocabulary)."""
+
+        def build() -> None:
+            self._get_compiler()
+            for any_whitespace in (False, True):
+                self._json_mask(any_whitespace)
+
+        return self._executor.submit(build)
+
     def submit(self, request: Request) -> Future:
         """Start compiling the request's constraint, unless it is compiled or compiling."""
         spec = request.sampling_params.structured_outputs
@@ -136,6 +147,7 @@ class StructuredOutputManager:
     def _json_mask(self, any_whitespace: bool) -> torch.Tensor:
         """Bits of the tokens free of raw control characters, in xgrammar's bitmask layout
         (token t is bit t % 32 of word t // 32)."""
+        self._get_compiler()  # reads the vocabulary
         mask = self._json_masks.get(any_whitespace)
         if mask is None:
             allowed_controls = b"\n\r" if any_whitespace else b""
@@ -216,9 +228,13 @@ class StructuredOutputManager:
             matchers[0].fill_next_token_bitmask(bitmask, indices[0])
         else:
             self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, indices)
+        by_mask: dict[int, tuple[torch.Tensor, list[int]]] = {}
         for i, state in rows:
             if state.json_mask is not None:
-                bitmask[i].bitwise_and_(state.json_mask)
+                by_mask.setdefault(id(state.json_mask), (state.json_mask, []))[1].append(i)
+        for mask, indices in by_mask.values():  # one masked copy per kind of JSON row
+            index = torch.tensor(indices)
+            bitmask.index_copy_(0, index, bitmask.index_select(0, index).bitwise_and_(mask))
         self.bitmask_seconds += time.perf_counter() - start
         return bitmask
 
