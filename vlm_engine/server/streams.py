@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -89,14 +90,22 @@ class RequestRun(abc.ABC):
         done = 0
         try:
             while done < len(tasks):
-                item = await queue.get()
-                if item is None:
-                    done += 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    self._observe(item[1])
-                    yield item
+                items = [await queue.get()]
+                while not queue.empty():  # behind: what came meanwhile goes out as one delta
+                    items.append(queue.get_nowait())
+                pending: dict[int, RequestOutput] = {}
+                for item in items:
+                    if item is None:
+                        done += 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        index, out = item
+                        earlier = pending.get(index)
+                        pending[index] = out if earlier is None else merge_deltas(earlier, out)
+                for index, out in pending.items():
+                    self._observe(out)
+                    yield index, out
         finally:
             outcome = "finished" if done == len(tasks) else "aborted"
             self.metrics.requests.labels(self.endpoint, outcome).inc()
@@ -174,11 +183,48 @@ class RequestRun(abc.ABC):
         return request.stream_options is not None and request.stream_options.include_usage
 
 
+def merge_deltas(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive streamed deltas of one request as one."""
+    samples = {c.index: c for c in first.outputs}
+    for c in later.outputs:
+        before = samples.get(c.index)
+        if before is None:
+            samples[c.index] = c
+            continue
+        logprobs = None
+        if before.logprobs is not None or c.logprobs is not None:
+            logprobs = (before.logprobs or []) + (c.logprobs or [])
+        samples[c.index] = CompletionOutput(
+            c.index, before.text + c.text, before.token_ids + c.token_ids, c.finish_reason,
+            c.stop_reason, logprobs,
+        )  # fmt: skip
+    outputs = [samples[i] for i in sorted(samples)]
+    head = samples.get(0, outputs[0])
+    return dataclasses.replace(
+        later, text=head.text, token_ids=head.token_ids, finish_reason=head.finish_reason,
+        stop_reason=head.stop_reason, logprobs=head.logprobs, outputs=outputs,
+    )  # fmt: skip
+
+
 def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 DONE = "data: [DONE]\n\n"
+
+
+def _chat_choice(
+    index: int,
+    content: str,
+    logprobs: dict | None = None,
+    finish_reason: str | None = None,
+    role: str | None = None,
+) -> dict:
+    """A `ChatChunkChoice` as its dump."""
+    return {
+        "index": index, "delta": {"role": role, "content": content}, "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }  # fmt: skip
 
 
 class ChatStream(RequestRun):
@@ -224,17 +270,16 @@ class ChatStream(RequestRun):
             choices=translate.chat_choices(out), usage=translate.usage(outputs),
         )  # fmt: skip
 
-    def _chunk(self, choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> dict:
-        return p.ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.config.model_name, choices=choices,
-            usage=usage,
-        ).model_dump()  # fmt: skip
+    def _chunk(self, choices: list[dict], usage: p.Usage | None = None) -> dict:
+        """A `ChatCompletionChunk` as its dump, built directly: one goes out per delta."""
+        return {
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.config.model_name, "choices": choices,
+            "usage": None if usage is None else usage.model_dump(),
+        }  # fmt: skip
 
     async def events(self) -> AsyncIterator[str]:
-        roles = [
-            p.ChatChunkChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))
-            for i in range(self.n)
-        ]
+        roles = [_chat_choice(i, "", role="assistant") for i in range(self.n)]
         yield sse(self._chunk(roles))
         last: RequestOutput | None = None
         completion_tokens = 0
@@ -245,13 +290,14 @@ class ChatStream(RequestRun):
                 completion_tokens += len(c.token_ids)
                 if not c.text and not c.token_ids and c.finish_reason is None:
                     continue
+                logprobs = translate.chat_logprobs(c.logprobs)
                 choices.append(
-                    p.ChatChunkChoice(
-                        index=c.index,
-                        delta=p.ChatDelta(content=c.text),
-                        logprobs=translate.chat_logprobs(c.logprobs),
-                        finish_reason=translate.finish_reason(c),
-                    )
+                    _chat_choice(
+                        c.index,
+                        c.text,
+                        logprobs.model_dump() if logprobs else None,
+                        translate.finish_reason(c),
+                    )  # fmt: skip
                 )
             if choices:
                 yield sse(self._chunk(choices))
@@ -314,19 +360,25 @@ class CompletionStream(RequestRun):
                 completion_tokens += len(c.token_ids)
                 if not c.text and not c.token_ids and c.finish_reason is None:
                     continue
+                logprobs = translate.completion_logprobs(c)
                 choices.append(
-                    p.CompletionChoice(
-                        index=index * self.n + c.index,
-                        text=c.text,
-                        logprobs=translate.completion_logprobs(c),
-                        finish_reason=translate.finish_reason(c),
-                    )  # fmt: skip
+                    {
+                        "index": index * self.n + c.index,
+                        "text": c.text,
+                        "logprobs": logprobs.model_dump() if logprobs else None,
+                        "finish_reason": translate.finish_reason(c),
+                    }  # fmt: skip
                 )
-            if choices:
-                chunk = p.Completion(
-                    id=self.id, created=self.created, model=self.config.model_name, choices=choices
+            if choices:  # a `Completion` without usage, as its dump
+                yield sse(
+                    {
+                        "id": self.id,
+                        "object": "text_completion",
+                        "created": self.created,
+                        "model": self.config.model_name,
+                        "choices": choices,
+                    }  # fmt: skip
                 )
-                yield sse(chunk.model_dump(exclude={"usage"}))
         if self._include_usage(self.request):
             usage = translate.usage_of(
                 sum(prompt_tokens.values()), completion_tokens, sum(cached_tokens.values())
