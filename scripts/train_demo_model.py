@@ -1,6 +1,12 @@
-"""Train the built-in demo model from scratch on a CPU and write it where the package ships it.
+"""Train the built-in demo model on a CPU and write it where the package ships it.
 
     .venv/bin/python scripts/train_demo_model.py [--out DIR] [--steps N] [--threads 2]
+
+The shipped model is made in two stages (vlm_engine/demo/training.py says why):
+
+    .venv/bin/python scripts/train_demo_model.py --out /tmp/captions            # 2500 steps
+    .venv/bin/python scripts/train_demo_model.py --start-from /tmp/captions \
+        --json-share 0.5 --steps 600 --learning-rate 5e-4
 
 Prints the loss as it goes, the training wall time, and the held-out accuracy through the
 engine (greedy, default options: every cache on) of the captions and of the JSON answers, those
@@ -42,7 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=defaults.num_steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--json-share", type=float, default=defaults.json_share)
+    parser.add_argument(
+        "--json-share", type=float, default=defaults.json_share,
+        help="share of the batches answered in JSON (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--start-from", type=Path, default=None, metavar="DIR",
+        help="start from this checkpoint's weights instead of a fresh initialization",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--eval-images", type=int, default=200, help="0 skips the evaluation")
@@ -57,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         log_every=max(1, min(defaults.log_every, args.steps // 10)),
     )
     start = time.perf_counter()
-    result = train_demo_model(args.out, config, on_log=print_log)
+    result = train_demo_model(args.out, config, on_log=print_log, start_from=args.start_from)
     size_mb = (result.path / "model.safetensors").stat().st_size / 1e6
     print(
         f"trained {result.num_parameters / 1e6:.2f}M parameters for {result.num_steps} steps "

@@ -9,7 +9,7 @@ from typing import Any
 DEMO_PROMPT = "Describe the image."  # answered with a caption
 DEMO_JSON_PROMPT = "Describe the image as JSON."  # answered with DEMO_SCHEMA's object
 DEMO_MAX_TOKENS = 24  # the longest caption is 13 tokens, then <end_of_turn>
-DEMO_JSON_MAX_TOKENS = 72  # the longest JSON answer is 58 tokens, then <end_of_turn>
+DEMO_JSON_MAX_TOKENS = 64  # the longest JSON answer is 55 tokens, then <end_of_turn>
 
 
 def demo_schema() -> dict[str, Any]:

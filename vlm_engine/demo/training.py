@@ -1,5 +1,11 @@
-"""Train the demo model from scratch on a CPU: a Gemma3 vision-language model that captions shapes
-(in words, or as JSON: ``json_share`` of the batches).
+"""Train the demo model on a CPU: a Gemma3 vision-language model that captions shapes, in words
+and, asked for JSON, as a JSON object of the picture's attributes.
+
+Two stages make the shipped model: captions alone from scratch (2,500 steps, the defaults), then
+from those weights half of the batches JSON answers at a lower rate (600 steps at 5e-4), so the
+model learns the JSON form of what it already reads off a picture. (Both tasks from scratch
+reached 91% of held-out pictures right after 3,000 steps and 74% after 5,000; the captions alone
+reach 99.5%.)
 
 The architecture is a small copy of Gemma3-4B's (SigLIP tower, avg-pool projector, decoder with
 sliding and full attention layers, GQA, q/k norms, tied embeddings), set out in ``DEMO_SPEC``.
@@ -58,9 +64,9 @@ DEMO_SPEC = TinySpec(
 class TrainingConfig:
     """Optimizer and schedule: AdamW, linear warm-up, cosine decay to ``min_lr_ratio``."""
 
-    num_steps: int = 3000
+    num_steps: int = 2500
     batch_size: int = 32
-    json_share: float = 0.5  # of the batches: JSON answers (the rest: captions)
+    json_share: float = 0.0  # of the batches: JSON answers (the rest: captions)
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
@@ -110,14 +116,22 @@ def train_demo_model(
     config: TrainingConfig | None = None,
     spec: TinySpec = DEMO_SPEC,
     on_log: Callable[[TrainingLog], None] | None = None,
+    start_from: str | Path | None = None,
 ) -> TrainingResult:
-    """Train from scratch and write a complete HF-layout checkpoint into ``out_dir``.
+    """Train from scratch (or from the weights of the checkpoint `start_from`) and write a
+    complete HF-layout checkpoint into ``out_dir``.
 
     Uses torch's current thread count; the caller chooses it (the training script sets 2).
     """
     config = config or TrainingConfig()
     path = make_tiny_checkpoint(out_dir, spec=spec, write_weights=False)
-    model = init_model(path, config.seed).to(config.device)
+    if start_from is None:
+        model = init_model(path, config.seed)
+    else:
+        model = Gemma3ForConditionalGeneration.from_pretrained(
+            str(start_from), dtype=torch.float32, attn_implementation="eager"
+        )
+    model = model.to(config.device)
     batcher = CaptionBatcher(path)
     rng = random.Random(config.seed)
     optimizer = torch.optim.AdamW(
@@ -129,7 +143,8 @@ def train_demo_model(
     model.train()
     start, recent_losses = time.perf_counter(), []
     for step in range(1, config.num_steps + 1):
-        task = "json" if rng.random() < config.json_share else "caption"
+        # (No draw without JSON batches: the caption-only stream of scenes stays as it was.)
+        task = "json" if config.json_share and rng.random() < config.json_share else "caption"
         batch = batcher.sample(rng, config.batch_size, task).model_inputs()
         loss = model(**{name: t.to(config.device) for name, t in batch.items()}).loss
         loss.backward()
