@@ -6,6 +6,8 @@ Workload: requests arrive as a Poisson process at each rate; each has 0-2 images
 drawn between 320x240 and 1600x1200), a prompt of 8-160 words and a fixed output length drawn
 from 16-256 tokens (`ignore_eos`, `min_tokens`, so random weights stop nowhere else). Every
 request streams; per request the time to first token, the gaps between tokens, and the end.
+The server's clients are spread over several processes (`--client-processes`), so that reading
+the streams with the official client never becomes the bottleneck being measured.
 
     python benchmarks/serving.py                         # Gemma3-4B shape, random weights, GPU
     python benchmarks/serving.py --demo --rates 2,4 --num-requests 40      # the demo model, CPU
@@ -20,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import concurrent.futures
 import io
+import multiprocessing
 import random
 import statistics
 import sys
@@ -60,6 +64,7 @@ class Timing:
     first: float | None = None
     stamps: list[float] = field(default_factory=list)  # when each token's chunk came
     tokens: int = 0
+    end: float = 0.0
 
 
 def make_jobs(n: int, rate: float, seed: int, max_output: int) -> list[Job]:
@@ -98,10 +103,38 @@ def engine_messages(job: Job) -> dict:
     return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": job.text}]}]}
 
 
-async def run_server(url: str, jobs: list[Job]) -> tuple[float, list[Timing]]:
+def run_server(url: str, args: argparse.Namespace, rate: float) -> tuple[float, list[Timing]]:
+    """The rate's jobs through the server, dealt round-robin to client processes that start
+    together at one moment of the shared monotonic clock."""
+    parts = args.client_processes
+    build = time.perf_counter()
+    make_jobs(args.num_requests, rate, args.seed, args.max_output)
+    t0 = time.perf_counter() + 2 * (time.perf_counter() - build) + 5.0  # all clients ready by then
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(parts, mp_context=context) as pool:
+        shares = pool.map(
+            client_process, [url] * parts, [args] * parts, [rate] * parts, range(parts),
+            [t0] * parts,
+        )  # fmt: skip
+        timings = [t for share in shares for t in share]
+    return max(t.end for t in timings) - t0, timings
+
+
+def client_process(
+    url: str, args: argparse.Namespace, rate: float, part: int, t0: float
+) -> list[Timing]:
+    jobs = make_jobs(args.num_requests, rate, args.seed, args.max_output)[
+        part :: args.client_processes
+    ]
+    if time.perf_counter() > t0:
+        print(f"client process {part} was late to start", file=sys.stderr)
+    return asyncio.run(_serve_jobs(url, jobs, t0))
+
+
+async def _serve_jobs(url: str, jobs: list[Job], t0: float) -> list[Timing]:
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
 
-    async def one(job: Job, t0: float) -> Timing:
+    async def one(job: Job) -> Timing:
         await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
         timing = Timing(time.perf_counter())
         stream = await client.chat.completions.create(
@@ -111,9 +144,10 @@ async def run_server(url: str, jobs: list[Job]) -> tuple[float, list[Timing]]:
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 stamp(timing)
+        timing.end = time.perf_counter()
         return timing
 
-    return await _run_all(jobs, one)
+    return list(await asyncio.gather(*(one(job) for job in jobs)))
 
 
 async def run_engine(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[Timing]]:
@@ -126,9 +160,12 @@ async def run_engine(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[
         async for delta in engine.generate(engine_messages(job), params):
             if delta.text:
                 stamp(timing)
+        timing.end = time.perf_counter()
         return timing
 
-    return await _run_all(jobs, one)
+    t0 = time.perf_counter()
+    timings = await asyncio.gather(*(one(job, t0) for job in jobs))
+    return max(t.end for t in timings) - t0, list(timings)
 
 
 def stamp(timing: Timing) -> None:
@@ -136,12 +173,6 @@ def stamp(timing: Timing) -> None:
     timing.first = timing.first or now
     timing.stamps.append(now)
     timing.tokens += 1
-
-
-async def _run_all(jobs, one) -> tuple[float, list[Timing]]:
-    t0 = time.perf_counter()
-    timings = await asyncio.gather(*(one(job, t0) for job in jobs))
-    return time.perf_counter() - t0, list(timings)
 
 
 def summary(elapsed: float, timings: list[Timing], jobs: list[Job]) -> dict[str, float]:
@@ -175,6 +206,9 @@ def main() -> None:
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--demo", action="store_true", help="the demo model (CPU) instead of 4B")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--client-processes", type=int, default=4, help="processes the server's clients run in"
+    )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,10 +234,7 @@ def main() -> None:
         jobs_by_rate = {
             r: make_jobs(args.num_requests, r, args.seed, args.max_output) for r in rates
         }
-        served = {
-            r: summary(*asyncio.run(run_server(server.url, jobs_by_rate[r])), jobs_by_rate[r])
-            for r in rates
-        }
+        served = {r: summary(*run_server(server.url, args, r), jobs_by_rate[r]) for r in rates}
         server.stop()
         engine = AsyncEngine(path, **engine_options)
         direct = {}
@@ -211,7 +242,10 @@ def main() -> None:
             elapsed, timings = asyncio.run(run_engine(engine, jobs_by_rate[rate]))
             direct[rate] = summary(elapsed, timings, jobs_by_rate[rate])
         engine.shutdown()
-    print(f"{args.num_requests} requests per rate, 0-2 images, outputs 16-{args.max_output} tokens")
+    print(
+        f"{args.num_requests} requests per rate, 0-2 images, outputs 16-{args.max_output} "
+        f"tokens; the server's clients in {args.client_processes} processes"
+    )
     print(
         "| rate req/s | path | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
     )

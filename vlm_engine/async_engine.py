@@ -4,56 +4,68 @@
     async for delta in engine.generate({"prompt": "Describe it.", "images": [img]}, params):
         print(delta.text, end="")
 
-Many callers may stream at once: one background task steps the engine while any request is
-unfinished and hands each step's outputs to the queue of the request they belong to. A new
+Many callers may stream at once. The `Engine` lives on one thread of its own, which steps it for
+as long as any request is unfinished and, between steps, runs the calls that change it
+(queueing, aborting, statistics) in the order they came. Each step's outputs go to the event
+loop in one callback, which hands every output to the queue of its request. The thread then
+gives the loop a moment (up to `LOOP_WAIT_S`) to take them before it steps again: both threads
+share one interpreter lock, and a thread that steps without pause would leave the loop only
+scraps of time to send what it was given. A core in its own process steps on regardless; when
+the loop comes back, every step the core has finished meanwhile goes out in one delivery, so a
+busy loop (a server formatting and sending many streams) slows only its own sending, and deltas
+that piled up reach their consumer together. A new
 request is prepared (images loaded, hashed and preprocessed, text tokenized) on a pool of
-frontend threads, so concurrent requests preprocess side by side; every call that changes the
-`Engine` (queueing, stepping, aborting) runs on one worker thread, one at a time. The event loop
-never blocks on image preprocessing or a model step, and the engine never sees two calls at
-once. A consumer that stops early (cancelled, `break`, an exception) aborts its
-request, which frees its KV blocks and image references: at once when it closes the stream
-(`contextlib.aclosing`), otherwise when the event loop finalizes the abandoned generator, a moment
-later. With `core_process` the `Engine` underneath talks to a core in its own process, and a core
-that dies ends every pending stream with `EngineDeadError`.
+frontend threads, so concurrent requests preprocess side by side. The event loop never blocks on
+image preprocessing or a model step, and the engine never sees two calls at once.
+
+A consumer that stops early (cancelled, `break`, an exception) aborts its request, which frees its
+KV blocks and image references: at once when it closes the stream (`contextlib.aclosing`),
+otherwise when the event loop finalizes the abandoned generator, a moment later. With
+`core_process` the `Engine` underneath talks to a core in its own process, and a core that dies
+ends every pending stream with `EngineDeadError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
-from vlm_engine.engine import Engine
-from vlm_engine.errors import EngineDeadError
+from vlm_engine.engine import Engine, PreparedRequest
+from vlm_engine.errors import EngineDeadError, RequestIdInUseError
 from vlm_engine.frontend.input_processor import Prompt
 from vlm_engine.outputs import RequestOutput
 from vlm_engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("vlm_engine")
 T = TypeVar("T")
+Item = RequestOutput | BaseException
 
 
 class AsyncEngine:
     def __init__(self, checkpoint_dir: str | Path, **options: Any):
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "vlm-engine")
-        self.engine = self._executor.submit(Engine, checkpoint_dir, **options).result()
+        self._thread = EngineThread()
+        self.engine: Engine = self._thread.call(Engine, checkpoint_dir, **options).result()
+        self._thread.engine = self.engine
         self._frontend = concurrent.futures.ThreadPoolExecutor(
             max(2, min(8, os.cpu_count() or 1)), "vlm-frontend"
         )
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._queues: dict[str, asyncio.Queue[Item]] = {}  # on the event loop's side
         self._unfinished: set[str] = set()  # requests whose last output has not come yet
-        self._step_task: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None
         self._closed = False
 
     @property
     def is_healthy(self) -> bool:
         """False once closed, after a failed step, or when the engine core has died."""
-        return self._error is None and not self._closed and self.engine.is_healthy
+        return self._thread.error is None and not self._closed and self.engine.is_healthy
 
     @property
     def num_unfinished(self) -> int:
@@ -89,7 +101,8 @@ class AsyncEngine:
         input raises here. The caller must `aclose()` the stream, which aborts the request if
         it has not finished."""
         self._check_usable()
-        prepared = await asyncio.get_running_loop().run_in_executor(
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(
             self._frontend,
             self.engine.prepare_request,
             prompt,
@@ -98,23 +111,31 @@ class AsyncEngine:
             priority,
             cache_salt,
         )
-        request_id = await self._call(self.engine.add_prepared, prepared, True)
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        request_id = prepared.request.request_id
+        if request_id in self._queues:
+            raise RequestIdInUseError(f"request id {request_id!r} is already in use")
+        # The queue exists before the engine can produce the request's first output.
+        queue: asyncio.Queue[Item] = asyncio.Queue()
         self._queues[request_id] = queue
         self._unfinished.add(request_id)
-        self._ensure_stepping()
+        try:
+            await self._call(self._thread.add, prepared, loop, self._deliver)
+        except BaseException:
+            self._queues.pop(request_id, None)
+            self._unfinished.discard(request_id)
+            raise
         return RequestStream(self, request_id, queue)
 
     async def _release_request(self, request_id: str, finished: bool) -> None:
         self._queues.pop(request_id, None)
         self._unfinished.discard(request_id)
         if not finished and self.is_healthy:
-            await asyncio.shield(self._call(self.engine.abort_request, request_id))
+            await asyncio.shield(self._call(self._thread.abort, request_id))
 
     async def abort(self, request_id: str) -> None:
         queue = self._queues.pop(request_id, None)
         self._unfinished.discard(request_id)
-        outputs = await self._call(self.engine.abort_request, request_id)
+        outputs = await self._call(self._thread.abort, request_id)
         if queue is not None:
             for out in outputs:
                 queue.put_nowait(out)
@@ -127,8 +148,6 @@ class AsyncEngine:
         if self._closed:
             return
         self._closed = True
-        if self._step_task is not None:
-            await asyncio.gather(self._step_task, return_exceptions=True)
         await asyncio.to_thread(self._release)
 
     def shutdown(self) -> None:
@@ -142,8 +161,7 @@ class AsyncEngine:
     def _release(self) -> None:
         self._fail_all(EngineDeadError("the engine was closed"))
         self._frontend.shutdown(wait=True)
-        self._executor.submit(self.engine.close).result()  # on the worker, after its last call
-        self._executor.shutdown(wait=True)
+        self._thread.stop(self.engine.close)  # on the engine's thread, after its last call
 
     async def __aenter__(self) -> AsyncEngine:
         return self
@@ -151,31 +169,17 @@ class AsyncEngine:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # ---- the stepping task ----------------------------------------------------------------
+    # ---- on the event loop -----------------------------------------------------------------
 
-    def _ensure_stepping(self) -> None:
-        if self._step_task is None or self._step_task.done():
-            self._step_task = asyncio.get_running_loop().create_task(self._step_loop())
-
-    async def _step_loop(self) -> None:
-        while self._unfinished and not self._closed:
-            try:
-                outputs = await self._call(self._step)
-            except Exception as e:  # a failed step: nothing in flight can be trusted any more
-                logger.exception("engine step failed")
-                self._error = e
-                self._fail_all(EngineDeadError(f"the engine failed: {e!r}"))
-                return
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-                if out.finished:
-                    self._unfinished.discard(out.request_id)
-
-    def _step(self) -> list[RequestOutput]:
-        # On the worker thread: one step, or none when every request just finished.
-        return self.engine.step() if self.engine.has_unfinished() else []
+    def _deliver(self, items: list[tuple[str, Item]]) -> None:
+        """Steps' outputs (or a failure) to the queues of their requests."""
+        for request_id, item in items:
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(item)
+            if isinstance(item, BaseException) or item.finished:
+                self._unfinished.discard(request_id)
+        self._thread.taken()
 
     def _fail_all(self, error: BaseException) -> None:
         for queue in self._queues.values():
@@ -184,11 +188,158 @@ class AsyncEngine:
     def _check_usable(self) -> None:
         if self._closed:
             raise EngineDeadError("the engine is closed")
-        if self._error is not None:
-            raise EngineDeadError(f"the engine failed earlier: {self._error!r}")
+        if self._thread.error is not None:
+            raise EngineDeadError(f"the engine failed earlier: {self._thread.error!r}")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """`fn(*args)` on the engine's thread, between two steps."""
+        return await asyncio.wrap_future(self._thread.call(fn, *args))
+
+
+class EngineThread:
+    """The one thread that touches the `Engine`: it runs the calls it is given in order and,
+    whenever a request is unfinished, steps the engine between them. Each step's outputs go to
+    the event loop of the requests they belong to, in one callback per loop; the next step waits
+    until the loops have taken them, or `LOOP_WAIT_S` has passed."""
+
+    LOOP_WAIT_S = 0.05
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None  # set once the first call has built it
+        self.error: BaseException | None = None  # a failed step: nothing can be trusted then
+        # request id -> (event loop, callback taking [(request id, output or error)])
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, Callable[..., None]]] = {}
+        self._calls: SimpleQueue[_Call | object | None] = SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="vlm-engine", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._stopped:
+                future.set_exception(EngineDeadError("the engine is closed"))
+            else:
+                self._calls.put(_Call(fn, args, kwargs, future))
+        return future
+
+    def taken(self) -> None:
+        """An event loop has taken a delivery (called on that loop)."""
+        self._calls.put(_TAKEN)
+
+    def stop(self, last: Callable[[], object]) -> None:
+        """Run `last` after every call queued so far, end the thread and wait for it."""
+        self.call(last).exception()
+        with self._lock:
+            self._stopped = True
+            self._calls.put(None)
+        self._thread.join()
+
+    # ---- calls that run on the thread ------------------------------------------------------
+
+    def add(
+        self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop, deliver: Callable
+    ) -> str:
+        request_id = self.engine.add_prepared(prepared, True)
+        self._routes[request_id] = (loop, deliver)
+        return request_id
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        self._routes.pop(request_id, None)
+        return self.engine.abort_request(request_id)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        untaken = 0  # deliveries of the last step that their event loops have not taken yet
+        deadline = 0.0  # when the next step goes ahead regardless
+        while True:
+            if not self._busy():
+                wait = None
+            else:
+                wait = max(0.0, deadline - time.monotonic()) if untaken else 0.0
+            item = self._next(wait)
+            while item is not None:  # every call that came meanwhile, in order
+                if item is _TAKEN:
+                    untaken = max(0, untaken - 1)
+                else:
+                    item.run()
+                item = self._next(0.0)
+            if self._stopped:
+                return
+            if self._busy() and (not untaken or time.monotonic() >= deadline):
+                untaken = self._step()
+                deadline = time.monotonic() + self.LOOP_WAIT_S
+
+    def _next(self, wait: float | None) -> Any:
+        """The next queued call or marker; None once `wait` seconds pass (None: no limit)."""
+        try:
+            if wait == 0.0:
+                return self._calls.get_nowait()
+            return self._calls.get(timeout=wait)
+        except Empty:
+            return None
+
+    def _busy(self) -> bool:
+        engine = self.engine
+        return self.error is None and engine is not None and engine.has_unfinished()
+
+    def _step(self) -> int:
+        """One step, and every further step the core has already finished (a frontend that fell
+        behind catches up in one delivery); returns the number of event loops delivered to."""
+        routes, engine = self._routes, self.engine
+        try:
+            outputs = engine.step()
+            while engine.has_ready_step():
+                outputs += engine.step()
+        except Exception as e:  # a failed step: nothing in flight can be trusted any more
+            logger.exception("engine step failed")
+            self.error = e
+            failure = EngineDeadError(f"the engine failed: {e!r}")
+            self._send([(route, request_id, failure) for request_id, route in routes.items()])
+            routes.clear()
+            return 0
+        routed = []
+        for out in outputs:
+            route = routes.get(out.request_id)
+            if route is not None:
+                routed.append((route, out.request_id, out))
+                if out.finished:
+                    del routes[out.request_id]
+        return self._send(routed)
+
+    @staticmethod
+    def _send(items: list[tuple[tuple[asyncio.AbstractEventLoop, Callable], str, Item]]) -> int:
+        by_route: dict[tuple[asyncio.AbstractEventLoop, Callable], list] = {}
+        for route, request_id, item in items:
+            by_route.setdefault(route, []).append((request_id, item))
+        sent = 0
+        for (loop, deliver), batch in by_route.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
+                loop.call_soon_threadsafe(deliver, batch)
+                sent += 1
+        return sent
+
+
+_TAKEN = object()  # in the queue of calls: an event loop took a delivery
+
+
+class _Call:
+    __slots__ = ("fn", "args", "kwargs", "future")
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, future: concurrent.futures.Future):
+        self.fn, self.args, self.kwargs, self.future = fn, args, kwargs, future
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.fn(*self.args, **self.kwargs)
+        except BaseException as e:
+            self.future.set_exception(e)
+        else:
+            self.future.set_result(result)
 
 
 class RequestStream:
@@ -218,6 +369,24 @@ class RequestStream:
             raise item
         self._finished = item.finished
         return item
+
+    async def next_batch(self) -> list[RequestOutput]:
+        """Every output that has come, in order, waiting for the next one only when none has;
+        [] once the request has finished. A server that fell behind sends these as one."""
+        if self._finished or self._closed:
+            return []
+        queue, items = self._queue, [await self._queue.get()]
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        outputs = []
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+            outputs.append(item)
+            if item.finished:
+                self._finished = True
+                break
+        return outputs
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -270,6 +270,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
 
+    def has_ready_step(self) -> bool:
+        """Whether the core has already produced the next step's outputs (it runs ahead of
+        this frontend in its own process): a caller that fell behind can catch up at once."""
+        return self.core.has_ready_step()
+
     def abort_request(self, request_id: str | Sequence[str]) -> list[RequestOutput]:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         aborted = []

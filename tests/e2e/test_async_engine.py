@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -167,3 +168,42 @@ def test_concurrent_requests_preprocess_side_by_side(checkpoint, monkeypatch):
 
     results = asyncio.run(run())
     assert [len(tokens) for tokens, _, _ in results] == [3, 3]
+
+
+@both_cores
+def test_the_engine_steps_while_the_event_loop_is_busy(checkpoint, core_process):
+    """Stepping does not wait for the event loop: while the loop is blocked, the request keeps
+    generating, and what it generated meanwhile is there at once when the loop comes back. (Had
+    each step waited for the loop to hand out the one before, one step would be all there is.)"""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    async def run():
+        async with make_engine(checkpoint, core_process) as engine:
+            alone = await collect(engine, PROMPTS[5], params)
+            stream = await engine.add_request(PROMPTS[5], params)
+            try:
+                batches = [await stream.next_batch()]
+                time.sleep(2.0)  # the event loop is blocked: nothing can be delivered
+                while batch := await stream.next_batch():
+                    batches.append(batch)
+            finally:
+                await stream.aclose()
+            return alone, batches
+
+    (tokens, text, _), batches = asyncio.run(run())
+    outputs = [out for batch in batches for out in batch]
+    assert [t for out in outputs for t in out.token_ids] == tokens
+    assert "".join(out.text for out in outputs) == text
+    assert outputs[-1].finished
+    assert len(batches[1]) >= 3  # generated while the loop was blocked
+
+
+def test_one_engine_serves_one_event_loop_after_another(checkpoint):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine = make_engine(checkpoint, core_process=True)
+    try:
+        first = asyncio.run(collect(engine, PROMPTS[0], params))
+        second = asyncio.run(collect(engine, PROMPTS[0], params))
+    finally:
+        engine.shutdown()
+    assert first[0] == second[0] and len(first[0]) == 6

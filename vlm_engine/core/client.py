@@ -42,6 +42,12 @@ class CoreClient(abc.ABC):
     @abc.abstractmethod
     def step(self) -> list[EngineCoreOutput]: ...
 
+    def has_ready_step(self) -> bool:
+        """Whether `step()` would return at once with outputs the core has already produced
+        (a core in its own process steps ahead of its frontend); never for a core in this
+        process, whose `step()` runs the step."""
+        return False
+
     @abc.abstractmethod
     def stats(self) -> dict[str, Any]: ...
 

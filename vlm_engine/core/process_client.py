@@ -137,6 +137,11 @@ class ProcessClient(CoreClient):
                 self._live.discard(out.request_id)
         return outputs
 
+    def has_ready_step(self) -> bool:
+        while not self._steps and self.error is None and self._outbox.poll(0):
+            self._receive_one()
+        return bool(self._steps)
+
     def stats(self) -> dict[str, Any]:
         return self._call("stats")
 

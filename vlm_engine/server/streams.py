@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -74,13 +75,41 @@ class RequestRun(abc.ABC):
             await stream.aclose()
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, delta) of every prompt's engine request, as they come."""
+        """(prompt index, delta) of every prompt's engine request, as they come; what came
+        while the server was behind goes out as one delta per prompt."""
+        batches = self._single() if len(self.streams) == 1 else self._gathered()
+        finished = False
+        try:
+            async with contextlib.aclosing(batches):
+                async for items in batches:
+                    pending: dict[int, RequestOutput] = {}
+                    for index, out in items:
+                        earlier = pending.get(index)
+                        pending[index] = out if earlier is None else merge_deltas(earlier, out)
+                    for index, out in pending.items():
+                        self._observe(out)
+                        yield index, out
+            finished = True
+        finally:
+            self.metrics.requests.labels(self.endpoint, "finished" if finished else "aborted").inc()
+            # A task of its own: a disconnected client's cancellation (which the server repeats
+            # at every await of the cancelled request) must not cut the aborts short.
+            await asyncio.shield(asyncio.ensure_future(self.close()))
+
+    async def _single(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        stream = self.streams[0]
+        while batch := await stream.next_batch():
+            yield [(0, out) for out in batch]
+
+    async def _gathered(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        """The outputs of several prompts' streams, merged as they come."""
         queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
 
         async def follow(index: int, stream: RequestStream) -> None:
             try:
-                async for out in stream:
-                    queue.put_nowait((index, out))
+                while batch := await stream.next_batch():
+                    for out in batch:
+                        queue.put_nowait((index, out))
             except BaseException as e:  # handed to the consumer, which raises it
                 queue.put_nowait(e)
             finally:
@@ -91,29 +120,21 @@ class RequestRun(abc.ABC):
         try:
             while done < len(tasks):
                 items = [await queue.get()]
-                while not queue.empty():  # behind: what came meanwhile goes out as one delta
+                while not queue.empty():
                     items.append(queue.get_nowait())
-                pending: dict[int, RequestOutput] = {}
+                batch = []
                 for item in items:
                     if item is None:
                         done += 1
                     elif isinstance(item, BaseException):
                         raise item
                     else:
-                        index, out = item
-                        earlier = pending.get(index)
-                        pending[index] = out if earlier is None else merge_deltas(earlier, out)
-                for index, out in pending.items():
-                    self._observe(out)
-                    yield index, out
+                        batch.append(item)
+                if batch:
+                    yield batch
         finally:
-            outcome = "finished" if done == len(tasks) else "aborted"
-            self.metrics.requests.labels(self.endpoint, outcome).inc()
             for task in tasks:
                 task.cancel()
-            # A task of its own: a disconnected client's cancellation (which the server repeats
-            # at every await of the cancelled request) must not cut the aborts short.
-            await asyncio.shield(asyncio.ensure_future(self.close()))
 
     def _observe(self, out: RequestOutput) -> None:
         metrics, now = self.metrics, time.monotonic()
@@ -227,6 +248,40 @@ def _chat_choice(
     }  # fmt: skip
 
 
+# The chunks of a chat stream are formatted directly, one per delta: exactly `sse()` of the
+# `_chunk()` dump (same keys, order and separators), without building and encoding the dicts.
+CHUNK_TAIL = '],"usage":null}\n\n'
+
+
+def chat_chunk_head(response_id: str, created: int, model: str) -> str:
+    """A chat chunk's event up to its choices."""
+    return (
+        f'data: {{"id":{_json(response_id)},"object":"chat.completion.chunk",'
+        f'"created":{created},"model":{_json(model)},"choices":['
+    )
+
+
+def chat_choice_json(
+    index: int, content: str, logprobs: dict | None, finish_reason: str | None
+) -> str:
+    """`_chat_choice(index, content, logprobs, finish_reason)` as compact JSON."""
+    return (
+        f'{{"index":{index},"delta":{{"role":null,"content":{_json(content)}}},'
+        f'"logprobs":{_json(logprobs)},"finish_reason":{_json(finish_reason)}}}'
+    )
+
+
+def _json(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return _encode_string(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+_encode_string = json.encoder.encode_basestring_ascii  # what json.dumps does with a str
+
+
 class ChatStream(RequestRun):
     endpoint = "chat"
     id_prefix = "chatcmpl"
@@ -281,6 +336,7 @@ class ChatStream(RequestRun):
     async def events(self) -> AsyncIterator[str]:
         roles = [_chat_choice(i, "", role="assistant") for i in range(self.n)]
         yield sse(self._chunk(roles))
+        head = chat_chunk_head(self.id, self.created, self.config.model_name)
         last: RequestOutput | None = None
         completion_tokens = 0
         async for _, out in self.outputs():
@@ -292,7 +348,7 @@ class ChatStream(RequestRun):
                     continue
                 logprobs = translate.chat_logprobs(c.logprobs)
                 choices.append(
-                    _chat_choice(
+                    chat_choice_json(
                         c.index,
                         c.text,
                         logprobs.model_dump() if logprobs else None,
@@ -300,7 +356,7 @@ class ChatStream(RequestRun):
                     )  # fmt: skip
                 )
             if choices:
-                yield sse(self._chunk(choices))
+                yield head + ",".join(choices) + CHUNK_TAIL
         if self._include_usage(self.request) and last is not None:
             cached = max(last.num_cached_tokens, 0)
             usage = translate.usage_of(last.num_prompt_tokens, completion_tokens, cached)
