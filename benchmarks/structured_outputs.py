@@ -16,7 +16,11 @@ the vocabulary.
      new schema (compiled while the request waits), and the first constrained request of the
      engine (the vocabulary's xgrammar tables are built then).
 
-    python benchmarks/structured_outputs.py [--batch 64] [--output-len 128] [--no-transformers]
+Each workload runs once to warm up, then --repeats times (3), the workloads taking turns so that
+drift touches them alike; the table gives the median and the range.
+
+    python benchmarks/structured_outputs.py [--batch 64] [--output-len 128] [--repeats 3]
+                                            [--no-transformers]
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def make_engine(path: Path, async_scheduling: bool, batch: int) -> Engine:
     )  # fmt: skip
 
 
-def throughput(engine: Engine, args, share: float) -> tuple[float, float]:
+def throughput(engine: Engine, args, share: float, warm_up: bool = False) -> tuple[float, float]:
     """Output tokens/s of `args.batch` requests of `args.output_len` tokens, `share` of them
     under the long schema; and the host's bitmask time per step (ms)."""
     n = args.batch
@@ -120,9 +124,9 @@ def throughput(engine: Engine, args, share: float) -> tuple[float, float]:
     )
     prompts = [PROMPT.format(i=i) for i in range(n)]
     params = [held if i in constrained else free for i in range(n)]
-    # Warm-up with the same batch: Triton compiles kernel variants the first time a shape
-    # changes (and the grammar is compiled once).
-    engine.generate(prompts, params)
+    if warm_up:  # Triton compiles kernel variants the first time a shape changes (and the
+        engine.generate(prompts, params)  # grammar is compiled once)
+        return 0.0, 0.0
     before = engine.stats()
     start = time.perf_counter()
     outputs = engine.generate(prompts, params)
@@ -210,33 +214,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs per workload")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-sync", action="store_true", help="skip async_scheduling=False")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_checkpoint(Path(tmp) / "gemma3-4b-shape", **GEMMA3_4B)
         widen_vocabulary(path, GEMMA_VOCAB)
-        rows: list[tuple[str, str, float, float]] = []  # (setting, workload, tokens/s, mask ms)
+        # (setting, workload, tokens/s per repeat, mask ms per repeat)
+        rows: list[tuple[str, str, list[float], list[float]]] = []
         ttft: list[tuple[str, float]] = []
+        workloads = (("unconstrained", 0.0), ("JSON schema", 1.0), ("half", 0.5))
         for overlapped in (True, False) if not args.no_sync else (True,):
             setting = "async scheduling" if overlapped else "one step at a time"
             with make_engine(path, overlapped, args.batch) as engine:
                 if overlapped:
                     ttft = bench_ttft(engine)
-                for name, share in (("unconstrained", 0.0), ("JSON schema", 1.0), ("half", 0.5)):
-                    rate, mask_ms = throughput(engine, args, share)
-                    rows.append((setting, name, rate, mask_ms))
-                    print(rows[-1], flush=True)
+                for _, share in workloads:
+                    throughput(engine, args, share, warm_up=True)
+                runs = {name: ([], []) for name, _ in workloads}
+                for _ in range(args.repeats):
+                    for name, share in workloads:
+                        rate, mask_ms = throughput(engine, args, share)
+                        runs[name][0].append(rate)
+                        runs[name][1].append(mask_ms)
+                        print((setting, name, round(rate), round(mask_ms, 3)), flush=True)
+                rows += [(setting, name, *runs[name]) for name, _ in workloads]
         hf = None if args.no_transformers else bench_transformers(path, args)
     device = torch.cuda.get_device_name()
     print(f"\nGemma3-4B shape, random bf16 weights, {GEMMA_VOCAB} tokens, {device}")
     print(f"a. decode: {args.batch} requests x {args.output_len} tokens, all running together")
+    print(f"median of {args.repeats} runs (range)")
     print("| engine | workload | output tokens/s | vs unconstrained | bitmask ms/step (host) |")
     print("|---|---|---:|---:|---:|")
-    for setting, name, rate, mask_ms in rows:
-        base = next(r[2] for r in rows if r[0] == setting and r[1] == "unconstrained")
+    for setting, name, rates, masks in rows:
+        base = next(statistics.median(r[2]) for r in rows if r[:2] == (setting, "unconstrained"))
+        rate = statistics.median(rates)
         print(
-            f"| vlm_engine, {setting} | {name} | {rate:.0f} | {rate / base:.3f}x | {mask_ms:.2f} |"
+            f"| vlm_engine, {setting} | {name} | {rate:.0f} ({min(rates):.0f}-{max(rates):.0f}) "
+            f"| {rate / base:.3f}x | {statistics.median(masks):.2f} |"
         )
     if hf is not None:
         print(f"| transformers | unconstrained | {hf[0]:.0f} | 1.000x | |")
