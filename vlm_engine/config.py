@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_engine.errors import ConfigError, UnsupportedModelError
+from vlm_engine.quant_config import Fp8Config, read_quantization_config
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -168,6 +169,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int
     checkpoint_dtype: str | None = None
+    quantization: Fp8Config | None = None  # what the checkpoint's weights are stored as
     checkpoint_dir: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -226,6 +228,7 @@ class ModelConfig:
             eos_token_ids=eos,
             bos_token_id=int(text_raw.get("bos_token_id", 2)),
             checkpoint_dtype=raw.get("dtype", raw.get("torch_dtype")),
+            quantization=read_quantization_config(raw),
         )
 
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlm_engine.quant_config import QUANTIZATIONS
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -21,6 +23,7 @@ class EngineConfig:
     use_cuda_graphs: bool = True  # replay decode-only steps from CUDA graphs (GPU only)
     async_scheduling: bool | None = None  # schedule a step while the previous runs; None: GPU
     load_format: str = "safetensors"  # or "dummy": random weights of the checkpoint's shapes
+    quantization: str | None = None  # "fp8": the decoder's projections quantized at load time
     enable_prefix_caching: bool = True
     encoder_cache_size: int = 16384  # image embeddings kept on the device (256 per Gemma3 image)
     encoder_compute_budget: int = 4096  # image embeddings the vision tower may compute per step
@@ -71,6 +74,11 @@ class EngineConfig:
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(
                 f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}"
+            )
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(
+                f"quantization must be one of {list(QUANTIZATIONS)} or None, "
+                f"got {self.quantization!r}"
             )
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(

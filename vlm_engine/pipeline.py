@@ -65,10 +65,13 @@ class VisionLanguagePipeline:
         checkpoint_dir: str | Path,
         dtype: str | torch.dtype | None = "auto",
         device: str | torch.device = "cpu",
+        quantization: str | None = None,
         **processor_overrides: Any,
     ) -> VisionLanguagePipeline:
         config = ModelConfig.from_hf(checkpoint_dir)
-        model = load_model(config, checkpoint_dir, dtype=dtype, device=device)
+        model = load_model(
+            config, checkpoint_dir, dtype=dtype, device=device, quantization=quantization
+        )
         tokenizer = load_tokenizer(checkpoint_dir)
         processor = None
         if config.is_multimodal:

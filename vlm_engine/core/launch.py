@@ -34,8 +34,9 @@ def build_core(checkpoint_dir: Path, config: EngineConfig) -> EngineCore:
         used_before_load = total - free
         allocated_before_load = torch.cuda.memory_allocated(device)  # another engine's, say
     model = load_model(
-        model_config, checkpoint_dir, dtype=dtype, device=device, load_format=config.load_format
-    )
+        model_config, checkpoint_dir, dtype=dtype, device=device, load_format=config.load_format,
+        quantization=config.quantization,
+    )  # fmt: skip
     model.fuse_projections()  # before the memory profile: the vision tower's folded copies count
     wanted_len = config.max_model_len or min(
         model_config.text.max_position_embeddings, DEFAULT_MAX_MODEL_LEN

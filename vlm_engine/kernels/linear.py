@@ -17,6 +17,7 @@ from torch import nn
 
 from vlm_engine import envs
 from vlm_engine.kernels.activation import gelu_and_mul
+from vlm_engine.kernels.fp8 import fp8_linear
 from vlm_engine.kernels.platform import runs_on_triton
 
 SKINNY_MAX_ROWS = 4  # the largest step that takes the Triton kernels (<= triton_linear.MAX_ROWS)
@@ -34,9 +35,14 @@ def _takes_skinny(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
 
 def linear(x: torch.Tensor, layer: nn.Module, act: str | None = None) -> torch.Tensor:
     """x @ layer.weight.T (+ layer.bias, if it has one) for x: [T, in] -> [T, out]; `layer` is
-    an nn.Linear, or an nn.Embedding used as a tied LM head. act="gelu_mul" for a fused gate/up
+    an nn.Linear, or an nn.Embedding used as a tied LM head, or an FP8 layer (float8 weight and a
+    `weight_scale` per output channel: kernels/fp8.py). act="gelu_mul" for a fused gate/up
     projection (rows interleaved, kernels/activation.py) gives gelu_tanh(gate) * up: [T, out/2]."""
     weight, bias = layer.weight, getattr(layer, "bias", None)
+    scale = getattr(layer, "weight_scale", None)
+    if scale is not None:
+        y = fp8_linear(x, weight, scale, bias)
+        return y if act is None else gelu_and_mul(y)
     if _takes_skinny(x, bias):
         from vlm_engine.kernels.triton_linear import skinny_linear
 

@@ -20,7 +20,7 @@ from vlm_engine.kernels.gate_up import GATE_UP_GROUP
 from vlm_engine.kernels.linear import linear
 from vlm_engine.kernels.norm import post_norm_residual_pre_norm, rms_norm
 from vlm_engine.kernels.rotary import Rotary, rope_inv_freq
-from vlm_engine.models.fusion import fuse_linears
+from vlm_engine.models.fusion import fusable, fuse_linears
 from vlm_engine.models.projector import Gemma3MultiModalProjector
 from vlm_engine.models.siglip import SiglipVisionTower
 
@@ -51,6 +51,8 @@ class Gemma3MLP(nn.Module):
     def fuse_projections(self) -> None:
         # gate and up rows interleaved (kernels/activation.py); an odd width stays unfused
         if self.gate_up_proj is not None or self.gate_proj.out_features % GATE_UP_GROUP:
+            return
+        if not fusable(self.gate_proj, self.up_proj):
             return
         self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj, interleave=True)
         self.gate_proj = self.up_proj = None
@@ -96,7 +98,7 @@ class Gemma3Attention(nn.Module):
         return linear(x, self.qkv_proj).split([q_size, kv_size, kv_size], dim=-1)  # strided views
 
     def fuse_projections(self) -> None:
-        if self.qkv_proj is not None:
+        if self.qkv_proj is not None or not fusable(self.q_proj, self.k_proj, self.v_proj):
             return
         self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         self.q_proj = self.k_proj = self.v_proj = None

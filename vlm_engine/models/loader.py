@@ -4,6 +4,10 @@ The model is built on the meta device and each tensor is read from disk straight
 target device, converted to the target dtype, and put in place: the weights never exist twice.
 Loading is strict: a tensor the model lacks, or a parameter the checkpoint lacks, is an error
 that names them.
+
+FP8 (models/fp8.py): a checkpoint whose config declares FP8 dynamic (compressed-tensors) gets
+`Fp8Linear` layers where the config says, filled with its float8 weights and their scales as
+stored; `quantization="fp8"` quantizes a bf16 checkpoint's decoder projections after loading.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from torch import nn
 
 from vlm_engine.config import ModelConfig
 from vlm_engine.errors import CheckpointError, ConfigError
+from vlm_engine.kernels.fp8 import quantize_weight
+from vlm_engine.models.fp8 import Fp8Linear, fp8_layer_names, make_fp8_layers, quantize_layers
 from vlm_engine.models.gemma3 import Gemma3Model
+from vlm_engine.quant_config import online_fp8_config
 
 logger = logging.getLogger("vlm_engine")
 
@@ -57,19 +64,34 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     load_format: str = "safetensors",
+    quantization: str | None = None,
 ) -> Gemma3Model:
     """`load_format="dummy"` fills the weights with seeded random values on the device instead
-    of reading files: for benchmarks of real model shapes without their weights."""
+    of reading files: for benchmarks of real model shapes without their weights (an FP8
+    checkpoint's layers are quantized from them). `quantization="fp8"`: quantize the decoder's
+    projections at load time (an FP8 checkpoint's are already)."""
     checkpoint_dir = Path(checkpoint_dir or config.checkpoint_dir)
     device, dtype = torch.device(device), resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Gemma3Model(config)
+    online = None  # an FP8 checkpoint's layers are FP8 already
+    if quantization == "fp8" and config.quantization is None:
+        online = online_fp8_config(config.is_multimodal)
     if load_format == "dummy":
         _fill_random(model, dtype, device)
+        if config.quantization is not None or online is not None:
+            quantize_layers(model, fp8_layer_names(model, config.quantization or online))
         model.language_model.init_rope(device)
         return model.eval()
     if load_format != "safetensors":
         raise ConfigError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
+    fp8_config = config.quantization or online
+    quantize_on_load: set[str] = set()  # online FP8 layers: quantized as their weight is read
+    if fp8_config is not None:
+        names = fp8_layer_names(model, fp8_config, checkpoint_module_names(checkpoint_dir, config))
+        make_fp8_layers(model, names)
+        if online is not None:
+            quantize_on_load = {f"{n}.weight" for n in names}
     expected = dict(model.named_parameters())
     loaded, unexpected = set(), []
     for ckpt_name, tensor in iter_checkpoint(checkpoint_dir, device):
@@ -84,13 +106,57 @@ def load_model(
                 f"{ckpt_name}: shape {tuple(tensor.shape)} in the checkpoint, "
                 f"{tuple(expected[name].shape)} expected by the config"
             )
-        _set_parameter(model, name, tensor.to(dtype))
+        if name in quantize_on_load:
+            # In the dtype it is stored in, as compressed-tensors quantizes a checkpoint.
+            weight, scale = quantize_weight(tensor)
+            _set_parameter(model, name, weight)
+            scale_name = name.removesuffix("weight") + "weight_scale"
+            _set_parameter(model, scale_name, scale)
+            loaded.add(scale_name)
+        else:
+            _set_parameter(model, name, _as_stored(model, name, ckpt_name, tensor, dtype))
         loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing or unexpected:
         raise CheckpointError(_mismatch_message(checkpoint_dir, missing, unexpected))
     model.language_model.init_rope(device)
     return model.eval()
+
+
+def checkpoint_module_names(checkpoint_dir: Path, config: ModelConfig) -> dict[str, str]:
+    """Our module name -> the checkpoint's, for every module with a stored `.weight` (read
+    from the files' headers, no tensor data)."""
+    names = {}
+    for path in weight_files(checkpoint_dir):
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own error type for bad files
+            raise CheckpointError(f"cannot read {path}: {e}") from e
+        for key in keys:
+            ours = checkpoint_to_model_name(key, config)
+            if ours is not None and key.endswith(".weight") and ours.endswith(".weight"):
+                names[ours.removesuffix(".weight")] = key.removesuffix(".weight")
+    return names
+
+
+def _as_stored(
+    model: nn.Module, name: str, ckpt_name: str, tensor: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The tensor in the dtype its parameter holds: an FP8 layer's weight stays float8 (and must
+    be float8 in the file) and its scales become float32; everything else takes `dtype`."""
+    module_name, _, attr = name.rpartition(".")
+    if isinstance(model.get_submodule(module_name), Fp8Linear):
+        if attr == "weight":
+            if tensor.dtype != torch.float8_e4m3fn:
+                raise CheckpointError(
+                    f"{ckpt_name} is stored as {tensor.dtype}; the checkpoint's quantization "
+                    "config makes it an FP8 layer, whose weight is float8_e4m3fn"
+                )
+            return tensor
+        if attr == "weight_scale":
+            return tensor.float()
+    return tensor.to(dtype)
 
 
 def checkpoint_to_model_name(name: str, config: ModelConfig) -> str | None:

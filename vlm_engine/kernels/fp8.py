@@ -1,0 +1,81 @@
+"""FP8 projections: `x @ W.T` with W in float8_e4m3fn and one float32 scale per output channel,
+x quantized per token at run time (each row's scale: its largest magnitude / 448).
+
+On a GPU with FP8 tensor cores (compute capability 8.9 and up) the product is one cuBLASLt FP8
+GEMM (`torch._scaled_mm`) with both sets of scales applied in its epilogue. Elsewhere (a CPU,
+older GPUs) `fp8_linear_ref` computes the same quantized values in the activations' dtype:
+each token's values rounded to float8 and back, the weight dequantized, then an ordinary matmul.
+That is how compressed-tensors runs such a layer in transformers, so on a CPU in float32 the two
+agree to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlm_engine.kernels.platform import cuda_capability
+from vlm_engine.quant_config import FP8_MAX
+
+FP8 = torch.float8_e4m3fn
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (float8 [N, K], float32 scales [N, 1]): each output channel scaled so that its
+    largest magnitude is 448 (a channel of zeros gets the dtype's epsilon). The arithmetic is in
+    the weight's dtype, as compressed-tensors does it: the same bits as a checkpoint it wrote."""
+    scale = weight.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    scale = torch.where(scale == 0, torch.finfo(weight.dtype).eps, scale)
+    q = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale.float()
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, K] -> (float8 [T, K], scales [T, 1] in x's dtype), one scale per token."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    return weight.to(dtype) * scale.to(dtype)
+
+
+def uses_scaled_mm(x: torch.Tensor) -> bool:
+    return x.is_cuda and cuda_capability(x.device) >= (8, 9) and x.dtype != torch.float32
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x: [T, K] (bf16/fp16 on a GPU, any float elsewhere), weight: float8 [N, K], scale:
+    float32 [N, 1] -> [T, N] in x's dtype."""
+    if not uses_scaled_mm(x):
+        return fp8_linear_ref(x, weight, scale, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    xq, x_scale = quantize_tokens(rows)
+    out = torch._scaled_mm(
+        xq,
+        weight.t(),
+        scale_a=x_scale.float(),
+        scale_b=scale.t(),
+        bias=bias,
+        out_dtype=x.dtype,
+    )
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same quantized values, computed in x's dtype: what compressed-tensors runs."""
+    xq, x_scale = quantize_tokens(x)
+    x_dq = xq.to(x.dtype) * x_scale
+    return F.linear(x_dq, dequantize_weight(weight, scale, x.dtype), bias)
