@@ -178,3 +178,17 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path):
     engine = Engine(out)
     texts = caption_images(engine, [image for image, _ in held_out_examples(2)])
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_held_out_captions_stay_right_in_fp8(model_path, held_out, engine_captions):
+    """quantization="fp8": the decoder's projections in float8 with per-channel scales and each
+    token's activations rounded to float8 (on a CPU, the dequantized reference of the GPU's FP8
+    GEMMs). The captions stay right, and almost all are word for word the float32 engine's."""
+    with Engine(model_path, quantization="fp8") as engine:
+        layer = engine.core.engine_core.runner.model.language_model.layers[0]
+        assert layer.mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+        captions = caption_images(engine, [image for image, _ in held_out])
+    score = score_captions([scene for _, scene in held_out], captions)
+    assert score.all_correct_rate >= MIN_ALL_CORRECT, score.summary()
+    same = sum(a == b for a, b in zip(captions, engine_captions, strict=True))
+    assert same >= 0.9 * len(captions)
