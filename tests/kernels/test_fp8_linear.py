@@ -51,3 +51,22 @@ def test_the_projection_dispatches_fp8_layers_with_the_activation():
     expected = torch.nn.functional.gelu(gate, approximate="tanh") * up
     error = (out.float() - expected).abs().max() / expected.abs().max()
     assert error < 2e-2
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_steps_read_the_float8_weights(shape, rows):
+    """Steps of up to four tokens take the skinny kernels, which stream the float8 weights and
+    multiply them with the activations unrounded (the larger steps' FP8 GEMM rounds them)."""
+    from vlm_engine.models.fp8 import Fp8Linear
+
+    n, k = SHAPES[shape]
+    generator = torch.Generator("cuda").manual_seed(rows)
+    weight, scale = quantize_weight(
+        torch.randn(n, k, device="cuda", generator=generator).to(torch.bfloat16) * 0.02
+    )
+    x = torch.randn(rows, k, device="cuda", generator=generator).to(torch.bfloat16)
+    out = linear(x, Fp8Linear.from_tensors(weight, scale))
+    expected = x.float() @ (weight.float() * scale).T
+    error = (out.float() - expected).abs().max() / expected.abs().max()
+    assert error < 1e-2

@@ -152,3 +152,27 @@ def test_tied_lm_head_takes_the_skinny_kernel():
     out = linear_module.linear(x, head)
     ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(1e-3)
     assert ((out.double() - exact).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("act", [None, "gelu_mul"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        LinearConfig(block_n=4, block_k=64, split_k=2),
+        LinearConfig(block_n=16, block_k=32, use_dot=True),
+    ],
+)
+def test_float8_weights_with_their_scales(config, act):
+    """An FP8 layer's decode step: float8 weights streamed, each output column times its scale,
+    the activations as they are."""
+    from vlm_engine.kernels.fp8 import quantize_weight
+
+    num_rows = 3 if config.use_dot else 2
+    weight, scale = quantize_weight(torch.randn(64, 96, device=DEVICE) * 0.1)
+    x = torch.randn(num_rows, 96, device=DEVICE)
+    out = skinny_linear(x, weight, act, config, scale)
+    y = x @ (weight.float() * scale).T
+    expected = y if act is None else gelu_and_mul_ref(y)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs its scales"):
+        skinny_linear(x, weight, act, config)

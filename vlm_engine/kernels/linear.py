@@ -4,6 +4,11 @@ A decode step of up to `SKINNY_MAX_ROWS` tokens takes the Triton kernels of `tri
 which stream the weights at a higher share of the memory bandwidth than cuBLAS at that size, can
 be launched before the kernel ahead of them finishes (PDL), and apply the MLP's activation in
 the gate/up projection's epilogue. Larger steps are compute-bound GEMMs and stay on cuBLAS.
+
+FP8 layers (a float8 weight with a `weight_scale` per output channel, kernels/fp8.py): larger
+steps are FP8 GEMMs with the activations quantized per token; the skinny kernels read the float8
+weight, multiply it with the activations as they are and scale each output column (the weight is
+all they stream, and its bytes are halved).
 VLM_ENGINE_SKINNY_LINEAR=0 (vlm_engine/envs.py) sends every step to cuBLAS.
 """
 
@@ -17,7 +22,7 @@ from torch import nn
 
 from vlm_engine import envs
 from vlm_engine.kernels.activation import gelu_and_mul
-from vlm_engine.kernels.fp8 import fp8_linear
+from vlm_engine.kernels.fp8 import fp8_linear, uses_scaled_mm
 from vlm_engine.kernels.platform import runs_on_triton
 
 SKINNY_MAX_ROWS = 4  # the largest step that takes the Triton kernels (<= triton_linear.MAX_ROWS)
@@ -40,13 +45,13 @@ def linear(x: torch.Tensor, layer: nn.Module, act: str | None = None) -> torch.T
     projection (rows interleaved, kernels/activation.py) gives gelu_tanh(gate) * up: [T, out/2]."""
     weight, bias = layer.weight, getattr(layer, "bias", None)
     scale = getattr(layer, "weight_scale", None)
+    if _takes_skinny(x, bias) and (scale is None or uses_scaled_mm(x)):
+        from vlm_engine.kernels.triton_linear import skinny_linear
+
+        return skinny_linear(x, weight, act, skinny_config(weight, x.shape[0]), scale)
     if scale is not None:
         y = fp8_linear(x, weight, scale, bias)
         return y if act is None else gelu_and_mul(y)
-    if _takes_skinny(x, bias):
-        from vlm_engine.kernels.triton_linear import skinny_linear
-
-        return skinny_linear(x, weight, act, skinny_config(weight, x.shape[0]))
     y = F.linear(x, weight, bias)
     return y if act is None else gelu_and_mul(y)
 

@@ -131,6 +131,15 @@ def _finish(
 
 
 @jit
+def _scaled(acc, scale_ptr, pid_n, N, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr):
+    # float8 W: each output column times its row's scale (linear, so per K slice is the same)
+    if HAS_SCALE:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = acc * tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
+    return acc
+
+
+@jit
 def _program_tile(
     x_ptr, w_ptr, pid_n, pid_k, N, K, k_per_split, stride_x, stride_w,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -149,6 +158,7 @@ def _program_tile(
 def skinny_linear_kernel(
     x_ptr,  # [T, K]
     w_ptr,  # [N, K]
+    scale_ptr,  # [N] float32: W's per-row scales, read when HAS_SCALE (float8 W)
     out_ptr,  # [T, N] or, with ACT_GELU_MUL, [T, N / 2]
     partial_ptr,  # [SPLIT_K, BLOCK_T, N] float32, used when SPLIT_K > 1
     counter_ptr,  # [>= cdiv(N, BLOCK_N)] int32, zero between calls
@@ -166,6 +176,7 @@ def skinny_linear_kernel(
     ACT_GELU_MUL: tl.constexpr,
     ACT_GROUP: tl.constexpr,
     TANH_FROM_EXP: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     # CUDA-core products, for one or two rows: W tiles in registers, the next one loaded
@@ -189,6 +200,7 @@ def skinny_linear_kernel(
         w_next = tl.load(w_rows + next_ks[None, :], mask=next_mask, other=0.0)
         acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         w = w_next
+    acc = _scaled(acc, scale_ptr, pid_n, N, BLOCK_N, HAS_SCALE)
     _finish(
         out_ptr, partial_ptr, counter_ptr, acc, rows, num_rows, pid_n, pid_k, N, stride_out,
         BLOCK_T, BLOCK_N, SPLIT_K, ACT_GELU_MUL, ACT_GROUP, TANH_FROM_EXP,
@@ -199,6 +211,7 @@ def skinny_linear_kernel(
 def skinny_linear_dot_kernel(
     x_ptr,  # [T, K]
     w_ptr,  # [N, K]
+    scale_ptr,  # [N] float32: W's per-row scales, read when HAS_SCALE (float8 W)
     out_ptr,  # [T, N] or, with ACT_GELU_MUL, [T, N / 2]
     partial_ptr,  # [SPLIT_K, BLOCK_T, N] float32, used when SPLIT_K > 1
     counter_ptr,  # [>= cdiv(N, BLOCK_N)] int32, zero between calls
@@ -217,6 +230,7 @@ def skinny_linear_dot_kernel(
     ACT_GROUP: tl.constexpr,
     TANH_FROM_EXP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     # Tensor cores, for up to 16 rows (x padded to BLOCK_T = 16): W streamed through the
@@ -232,7 +246,8 @@ def skinny_linear_dot_kernel(
         k_mask = ks < k_end
         x = tl.load(x_rows + ks[None, :], mask=(rows < num_rows)[:, None] & k_mask[None, :])
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    acc = _scaled(acc, scale_ptr, pid_n, N, BLOCK_N, HAS_SCALE)
     _finish(
         out_ptr, partial_ptr, counter_ptr, acc, rows, num_rows, pid_n, pid_k, N, stride_out,
         BLOCK_T, BLOCK_N, SPLIT_K, ACT_GELU_MUL, ACT_GROUP, TANH_FROM_EXP,
@@ -248,9 +263,12 @@ def skinny_linear(
     weight: torch.Tensor,
     act: str | None = None,
     config: LinearConfig | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: [T, K] with T <= MAX_ROWS, weight: [N, K] -> x @ weight.T: [T, N]; with
-    act="gelu_mul", weight is a fused gate/up projection and the result gelu(gate) * up: [T, N/2]."""
+    act="gelu_mul", weight is a fused gate/up projection and the result gelu(gate) * up: [T, N/2].
+    A float8 weight comes with `scale` (float32, one per row, [N] or [N, 1]): x, in its own
+    dtype, times the float8 values, each output column times its scale."""
     if act not in (None, "gelu_mul"):
         raise ValueError(f"unknown activation {act!r}")
     cfg = config or LinearConfig()
@@ -263,6 +281,10 @@ def skinny_linear(
         raise ValueError(f"this kernel takes at most {max_rows} rows, got {num_rows}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight must be contiguous in their last dimension")
+    if (scale is not None) != (weight.dtype == torch.float8_e4m3fn):
+        raise ValueError("a float8 weight needs its scales, and only a float8 weight takes them")
+    if scale is not None and scale.numel() != n:
+        raise ValueError(f"{scale.numel()} scales for a weight of {n} rows")
     if act and (n % (2 * GATE_UP_GROUP) or cfg.block_n % (2 * GATE_UP_GROUP)):
         raise ValueError(f"gelu_mul needs N and block_n divisible by {2 * GATE_UP_GROUP}")
     out = torch.empty(num_rows, n // 2 if act else n, dtype=x.dtype, device=x.device)
@@ -285,11 +307,11 @@ def skinny_linear(
         kernel = skinny_linear_dot_kernel
         extra["DOT_PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
     kernel[grid](
-        x, weight, out, partials, counter_buffer(x.device),
+        x, weight, scale if scale is not None else weight, out, partials, counter_buffer(x.device),
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_T=block_t, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
         ACT_GELU_MUL=act == "gelu_mul", ACT_GROUP=GATE_UP_GROUP, TANH_FROM_EXP=interpreted,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        HAS_SCALE=scale is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         **extra, **pdl_options(x.device),
     )  # fmt: skip
     return out
