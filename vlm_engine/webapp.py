@@ -4,7 +4,7 @@
 builds the page around an `AsyncEngine`. Gradio (the `app` extra) is imported inside functions
 only, so `vlm_engine` imports without it.
 
-Every engine call goes through the `AsyncEngine`, which runs them one at a time on its worker
+Every engine call goes through the `AsyncEngine`, which runs them one at a time on its engine
 thread: the answers of concurrent users are batched together, and the `Engine` never sees two
 threads. Nothing reaches the network: no analytics, no share link, no server-side rendering
 (the default theme's fonts are served locally).

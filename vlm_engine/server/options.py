@@ -98,6 +98,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
         help="weights and activations (default: auto, bfloat16 on a GPU, float32 on a CPU)",
     )  # fmt: skip
+    engine.add_argument(
+        "--quantization", choices=("fp8",), default=None,
+        help="fp8: quantize the decoder's projections to FP8 at load (an FP8 checkpoint is "
+        "FP8 already)",
+    )  # fmt: skip
     ints = {
         "max_num_seqs": "most requests running at once (default: 64)",
         "max_num_batched_tokens": "token budget of one step (default: 2048)",
@@ -158,6 +163,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "num_kv_blocks", "encoder_cache_size", "encoder_compute_budget", "processor_cache_bytes",
         "max_image_pixels", "max_images_per_prompt", "seed", "kv_cache_memory_gb",
         "gpu_memory_utilization", "ec_connector", "scheduling_policy", "load_format",
+        "quantization",
     )  # fmt: skip
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     options["core_process"] = {"auto": None, "on": True, "off": False}[args.core_process]
