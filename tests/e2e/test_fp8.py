@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from vlm_engine import Engine, SamplingParams
-from vlm_engine.errors import CheckpointError, ConfigError
+from vlm_engine.errors import CheckpointError
 from vlm_engine.kernels import fp8 as fp8_kernels
 from vlm_engine.models.fp8 import Fp8Linear
 from vlm_engine.pipeline import VisionLanguagePipeline
@@ -185,10 +185,19 @@ def test_online_fp8_from_bfloat16_weights_matches_the_library(source, tmp_path):
     assert torch.equal(layer.up_proj.weight.float(), other.up_proj.weight.float())
 
 
-def test_a_vision_tower_in_fp8_is_refused_by_name(source, tmp_path):
+def test_a_vision_tower_in_fp8_matches_transformers(source, tmp_path):
     fp8_vision = write_fp8_checkpoint(source, tmp_path / "fp8v", quantize_vision=True)
-    with pytest.raises(ConfigError, match="vision_tower"):
-        VisionLanguagePipeline.load(fp8_vision, dtype="float32")
+    ours = VisionLanguagePipeline.load(fp8_vision, dtype="float32", device=DEVICE)
+    ours.model.fuse_projections()  # the fused q/k/v of the tower in FP8 too
+    tower = ours.model.vision_tower.encoder.layers[0]
+    assert isinstance(tower.self_attn.qkv_proj, Fp8Linear) and isinstance(tower.mlp.fc1, Fp8Linear)
+    model = Gemma3ForConditionalGeneration.from_pretrained(
+        fp8_vision, dtype=torch.float32, attn_implementation="eager"
+    )
+    hf = model.to(DEVICE).eval(), AutoProcessor.from_pretrained(fp8_vision, backend="pil")
+    text, sizes = CASES["two_images"]
+    images = [random_image(*size) for size in sizes]
+    assert rel_err(logits_of(ours, text, images), hf_logits(hf, text, images)) <= REL_TOL
 
 
 def test_text_only_fp8_checkpoint(tmp_path):

@@ -74,11 +74,11 @@ def fp8_layer_names(
             stored = (checkpoint_names or {}).get(name, name)
             if config.quantizes(stored, "Linear"):
                 names.append(name)
-    vision = [n for n in names if not n.startswith("language_model.")]
-    if vision:
+    other = [n for n in names if not n.startswith(("language_model.", "vision_tower."))]
+    if other:
         raise ConfigError(
-            f"FP8 layers outside the decoder ({', '.join(vision[:4])}) are not supported: the "
-            "vision tower, projector and LM head run in the model's dtype"
+            f"FP8 layers outside the decoder and the vision tower ({', '.join(other[:4])}) are "
+            "not supported"
         )
     return names
 

@@ -14,6 +14,9 @@ GEMM that applies the norm in its epilogue with the bias and GELU, instead of th
 normalized copy for cuBLAS to read. `fuse_projections` builds the folded weights (gamma-scaled
 fc1 weights: 268 MB for so400m in bf16, kept beside the originals, which the other paths use);
 the switch VLM_ENGINE_VISION_FOLD_NORMS is read at each call.
+
+FP8 layers (a checkpoint that quantizes the tower, models/fp8.py) run as FP8 GEMMs whose outputs
+are added to the stream, and fc1 keeps its norm unfolded.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from vlm_engine import envs
 from vlm_engine.config import VisionConfig
+from vlm_engine.kernels.fp8 import fp8_linear
 from vlm_engine.kernels.norm import layer_norm
 from vlm_engine.kernels.norm_linear import (
     FoldedNormLinear,
@@ -33,6 +37,7 @@ from vlm_engine.kernels.norm_linear import (
 )
 from vlm_engine.kernels.platform import runs_on_triton
 from vlm_engine.kernels.vision_attention import vision_attention
+from vlm_engine.models.fp8 import Fp8Linear
 from vlm_engine.models.fusion import fuse_linears
 
 
@@ -119,6 +124,8 @@ class SiglipMLP(nn.Module):
         # x: [..., hidden] -> gelu_tanh(fc1(x)): [..., intermediate], the input of fc2
         # On a GPU the bias and tanh-GELU run in the GEMM's epilogue (cuBLASLt); that op has no
         # backward, so autograd (training the tower) takes the separate ops below.
+        if isinstance(self.fc1, Fp8Linear):
+            return F.gelu(self.fc1(x), approximate="tanh")
         if x.is_cuda and not (torch.is_grad_enabled() and self.fc1.weight.requires_grad):
             h = torch._addmm_activation(
                 self.fc1.bias, x.flatten(0, -2), self.fc1.weight.t(), use_gelu=True
@@ -177,9 +184,13 @@ def _norm(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor) -> torch.Ten
     return layer_norm(x, norm.weight, norm.bias, norm.eps, shift)
 
 
-def _add_linear_(x: torch.Tensor, h: torch.Tensor, linear: nn.Linear) -> None:
+def _add_linear_(x: torch.Tensor, h: torch.Tensor, linear: nn.Module) -> None:
     # x [..., out] += h [..., in] @ W^T, accumulated by the GEMM (beta = 1), without the bias
-    x.view(-1, x.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), linear.weight.t())
+    rows = h.reshape(-1, h.shape[-1])
+    if isinstance(linear, Fp8Linear):  # the FP8 GEMM writes its own output, added after
+        x.view(-1, x.shape[-1]).add_(fp8_linear(rows, linear.weight, linear.weight_scale))
+        return
+    x.view(-1, x.shape[-1]).addmm_(rows, linear.weight.t())
 
 
 class SiglipEncoder(nn.Module):
@@ -248,5 +259,6 @@ class SiglipVisionTower(nn.Module):
             layer.self_attn.fuse_projections()
         weight = self.post_layernorm.weight
         unfolded = any(layer.folded_fc1 is None for layer in self.encoder.layers)
-        if unfolded and folds_norms(weight.device, weight.dtype):
+        fp8 = any(isinstance(layer.mlp.fc1, Fp8Linear) for layer in self.encoder.layers)
+        if unfolded and not fp8 and folds_norms(weight.device, weight.dtype):
             self.encoder.fold_norms()
