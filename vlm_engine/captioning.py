@@ -328,6 +328,7 @@ def caption_sources(
     dtype: str = "auto",
     format: str | None = None,
     ec_connector: str | None = None,
+    quantization: str | None = None,
     **options: Any,
 ) -> CaptionSummary:
     """`caption_images` over `find_images(sources)` with an engine on `model` (default: the
@@ -345,7 +346,9 @@ def caption_sources(
         return CaptionSummary(0, len(images), 0, 0.0)
     from vlm_engine.engine import Engine
 
-    engine_options = {"ec_connector": ec_connector} if ec_connector else {}
+    engine_options: dict[str, Any] = {"ec_connector": ec_connector} if ec_connector else {}
+    if quantization:
+        engine_options["quantization"] = quantization
     with Engine(
         model or default_model_path(), device=device, dtype=dtype, **engine_options
     ) as engine:

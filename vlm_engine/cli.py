@@ -120,6 +120,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             use_tqdm=not args.quiet,
             ec_connector=args.ec_connector,
+            quantization=args.quantization,
         )
     except USAGE_ERRORS as e:
         args.parser.error(str(e))
@@ -158,6 +159,8 @@ def _caption_on_ray(args: argparse.Namespace, params: SamplingParams) -> int:
     options = {"device": args.device, "dtype": args.dtype}
     if args.ec_connector:
         options["ec_connector"] = args.ec_connector
+    if args.quantization:
+        options["quantization"] = args.quantization
     try:
         summary = caption_dataset(
             args.inputs,
@@ -282,7 +285,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from vlm_engine import webapp  # gradio (optional, slow to import) only when asked for
 
         webapp.launch(
-            model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            dtype=args.dtype,
+            quantization=args.quantization,
         )
     except ModuleNotFoundError as e:
         if e.name != "gradio":
@@ -319,7 +327,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     prompts = [demo_request(str(path), args.prompt) for path in paths]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    with Engine(args.model or default_model_path(), device=args.device, dtype=args.dtype) as engine:
+    with Engine(
+        args.model or default_model_path(), device=args.device, dtype=args.dtype,
+        quantization=args.quantization,
+    ) as engine:  # fmt: skip
         outputs = engine.generate(prompts, params)
     for path, out in zip(paths, outputs, strict=True):
         print(f"{path.name}\t{out.text!r}")
@@ -395,6 +406,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
         help="weights and activations (default: auto, bfloat16 on a GPU, float32 on a CPU)",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=("fp8",),
+        default=None,
+        help="fp8: quantize the decoder's projections to FP8 at load (FP8 checkpoints are already)",
     )
 
 

@@ -24,13 +24,20 @@ DEFAULT_MAX_TOKENS = 64
 MAX_CONCURRENT_ANSWERS = 16  # answers streamed at once; the engine batches them
 
 
-def launch(model: str | None, host: str, port: int, device: str | None, dtype: str) -> None:
+def launch(
+    model: str | None,
+    host: str,
+    port: int,
+    device: str | None,
+    dtype: str,
+    quantization: str | None = None,
+) -> None:
     """Load the model (None: the built-in demo model) and serve the app on host:port until
     interrupted. Without gradio it raises ModuleNotFoundError before loading anything."""
     import gradio  # noqa: F401
 
     path = Path(model) if model is not None else default_model_path()
-    engine = AsyncEngine(path, device=device, dtype=dtype)
+    engine = AsyncEngine(path, device=device, dtype=dtype, quantization=quantization)
     app = build_app(engine, title=f"vlm_engine: {path.name}")
     try:  # blocks until Ctrl-C
         app.launch(

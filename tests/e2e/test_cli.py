@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from vlm_engine.demo.model import demo_request
@@ -12,7 +13,8 @@ from vlm_engine.pipeline import VisionLanguagePipeline
 from vlm_engine.testing import make_tiny_checkpoint
 
 
-def test_generate_prints_one_answer_per_image(tmp_path):
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_generate_prints_one_answer_per_image(tmp_path, quantization):
     model = make_tiny_checkpoint(tmp_path / "model", seed=2)
     images = tmp_path / "images"
     images.mkdir()
@@ -32,6 +34,7 @@ def test_generate_prints_one_answer_per_image(tmp_path):
             "5",
             "--prompt",
             "What color?",
+            *(["--quantization", quantization] if quantization else []),
         ],
         capture_output=True,
         text=True,
@@ -42,7 +45,7 @@ def test_generate_prints_one_answer_per_image(tmp_path):
     lines = run.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["a.png", "b.jpg"]
     # The engine's batched answer equals the scheduler-free reference loop on the same prompt.
-    pipe = VisionLanguagePipeline.load(model)
+    pipe = VisionLanguagePipeline.load(model, quantization=quantization)
     prepared = pipe.prepare_chat(demo_request(str(images / "a.png"), "What color?")["messages"])
     expected = pipe.tokenizer.decode(pipe.generate(prepared, 5), skip_special_tokens=True)
     assert lines[0].split("\t")[1] == repr(expected)
