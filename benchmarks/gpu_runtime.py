@@ -48,6 +48,13 @@ GEMMA3_4B = dict(
     vision_num_hidden_layers=27, vision_num_attention_heads=16, image_size=896, patch_size=14,
     mm_tokens_per_image=256, dtype="bfloat16", write_weights=False,
 )  # fmt: skip
+# The 27B: its decoder (the vision tower is the same so400m SigLIP). In bf16 its weights take
+# 54 GB, so beside transformers it needs the H200's memory; --no-transformers runs it alone.
+GEMMA3_27B = dict(
+    GEMMA3_4B, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+    num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168,
+)  # fmt: skip
+SHAPES = {"4b": GEMMA3_4B, "27b": GEMMA3_27B}
 PROMPT = "<start_of_image>Write a caption for this image."
 
 
@@ -118,7 +125,7 @@ def bench_own_process(path: Path, args, quantization: str | None) -> dict[str, o
 def bench_captioning(engine, hf, args, own=None) -> list[str]:
     pics = images(args.num_images, seed=1)
     ours = caption_seconds(engine, args)
-    if "a" not in _HF:  # measured once, beside every setting of the engine
+    if hf is not None and "a" not in _HF:  # measured once, beside every setting of the engine
         hf_generate(*hf, images(2, seed=9), 4)
         _HF["a"], _ = timed(
             lambda: [
@@ -126,7 +133,7 @@ def bench_captioning(engine, hf, args, own=None) -> list[str]:
                 for i in range(0, len(pics), args.hf_batch)
             ]
         )
-    theirs = _HF["a"]
+    theirs = _HF.get("a")
     n, tokens = len(pics), len(pics) * args.output_len
     rows = []
     for label, seconds in (("core in-process", ours), ("core in own process", own)):
@@ -134,11 +141,19 @@ def bench_captioning(engine, hf, args, own=None) -> list[str]:
             continue
         rows += [
             f"| a. captioning {n} images x {args.output_len} tokens, {label} | images/s | "
-            f"{n / seconds:.2f} | {n / theirs:.2f} | {theirs / seconds:.2f}x |",
-            f"| | output tokens/s | {tokens / seconds:.0f} | {tokens / theirs:.0f} | "
-            f"{theirs / seconds:.2f}x |",
+            f"{n / seconds:.2f} | {_peer(n, theirs, '.2f')} | {_ratio(theirs, seconds)} |",
+            f"| | output tokens/s | {tokens / seconds:.0f} | {_peer(tokens, theirs, '.0f')} | "
+            f"{_ratio(theirs, seconds)} |",
         ]
     return rows
+
+
+def _peer(amount: float, seconds: float | None, fmt: str) -> str:
+    return "-" if seconds is None else format(amount / seconds, fmt)
+
+
+def _ratio(theirs: float | None, ours: float) -> str:
+    return "-" if theirs is None else f"{theirs / ours:.2f}x"
 
 
 def bandwidth_floor_ms(engine) -> tuple[float, float]:
@@ -155,12 +170,12 @@ def bandwidth_floor_ms(engine) -> tuple[float, float]:
 def bench_single_stream(engine, hf, args, own=None) -> list[str]:
     pic = images(1, seed=2)[0]
     ttft, tpot = single_stream_ms(engine, args)
-    if "b" not in _HF:
+    if hf is not None and "b" not in _HF:
         hf_generate(*hf, [pic], 2)
         first = statistics.median(timed(lambda: hf_generate(*hf, [pic], 1))[0] for _ in range(3))
         full, _ = timed(lambda: hf_generate(*hf, [pic], args.output_len))
         _HF["b"] = first, (full - first) / (args.output_len - 1) * 1e3
-    hf_first, hf_tpot = _HF["b"]
+    hf_first, hf_tpot = _HF.get("b", (None, None))
     floor, bandwidth = bandwidth_floor_ms(engine)
     rows = []
     for label, (first, per_token) in (
@@ -169,10 +184,12 @@ def bench_single_stream(engine, hf, args, own=None) -> list[str]:
     ):
         if first is None:
             continue
+        hf_ms = None if hf_first is None else hf_first * 1e3
         rows += [
             f"| b. single stream, {label} | time to first token (ms) | {first:.1f} | "
-            f"{hf_first * 1e3:.1f} | {hf_first * 1e3 / first:.2f}x |",
-            f"| | decode ms/token | {per_token:.2f} | {hf_tpot:.2f} | {hf_tpot / per_token:.2f}x "
+            f"{'-' if hf_ms is None else f'{hf_ms:.1f}'} | {_ratio(hf_ms, first)} |",
+            f"| | decode ms/token | {per_token:.2f} | "
+            f"{'-' if hf_tpot is None else f'{hf_tpot:.2f}'} | {_ratio(hf_tpot, per_token)} "
             f"(floor {per_token / floor:.2f}x) |",
         ]
     return [
@@ -201,16 +218,23 @@ def _bench_vision_batch(engine, hf, args, batch: int) -> list[str]:
     ours, theirs = [], []
     with torch.inference_mode():
         model.embed_images(pixels)
-        hf[0].get_image_features(pixel_values=pixels)
+        if hf is not None:
+            hf[0].get_image_features(pixel_values=pixels)
         for _ in range(args.vision_rounds):
             ours.append(timed(lambda: model.embed_images(pixels))[0])
-            theirs.append(timed(lambda: hf[0].get_image_features(pixel_values=pixels))[0])
+            if hf is not None:
+                theirs.append(timed(lambda: hf[0].get_image_features(pixel_values=pixels))[0])
     n = pixels.shape[0]
-    mine, peer = statistics.median(ours), statistics.median(theirs)
+    mine = statistics.median(ours)
+    peer, ratio = "-", "-"
+    if theirs:
+        median = statistics.median(theirs)
+        peer = f"{n / median:.1f} ({n / max(theirs):.1f}-{n / min(theirs):.1f})"
+        ratio = f"{median / mine:.2f}x"
     return [
         f"| c. vision tower, batch {n}, median of {args.vision_rounds} interleaved passes | "
-        f"images/s | {n / mine:.1f} ({n / max(ours):.1f}-{n / min(ours):.1f}) | "
-        f"{n / peer:.1f} ({n / max(theirs):.1f}-{n / min(theirs):.1f}) | {peer / mine:.2f}x |"
+        f"images/s | {n / mine:.1f} ({n / max(ours):.1f}-{n / min(ours):.1f}) | {peer} | "
+        f"{ratio} |"
     ]
 
 
@@ -253,7 +277,7 @@ def make_engine(
     async_scheduling: bool | None = None,
     quantization: str | None = None,
 ) -> Engine:
-    # Half the GPU for the engine: transformers runs in the same process beside it.
+    # Half the GPU for the engine when transformers runs in the same process beside it.
     return Engine(
         path,
         device="cuda",
@@ -262,7 +286,7 @@ def make_engine(
         max_num_batched_tokens=args.max_num_batched_tokens,
         encoder_compute_budget=args.encoder_compute_budget,
         max_model_len=4096,
-        gpu_memory_utilization=0.5,
+        gpu_memory_utilization=0.85 if args.no_transformers else 0.5,
         core_process=core_process,
         async_scheduling=async_scheduling,
         quantization=quantization,
@@ -295,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quantization", default="none", help="engine settings to run, e.g. none,fp8"
     )
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="4b", help="Gemma3 size")
+    parser.add_argument("--no-transformers", action="store_true", help="the engine alone")
     return parser
 
 
@@ -305,14 +331,15 @@ def main() -> None:
     args = _parser().parse_args()
     settings = args.quantization.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_checkpoint(Path(tmp) / "gemma3-4b-shape", **GEMMA3_4B)
+        path = make_tiny_checkpoint(Path(tmp) / f"gemma3-{args.shape}-shape", **SHAPES[args.shape])
         hf = None
         rows = []
         for setting in settings:
             quantization = None if setting == "none" else setting
             own = bench_own_process(path, args, quantization) if args.core_process != "in" else {}
             engine = make_engine(path, args, core_process=False, quantization=quantization)
-            hf = hf or hf_model(path)
+            if hf is None and not args.no_transformers:
+                hf = hf_model(path)
             rows.append(
                 f"| **engine weights: {'bf16' if quantization is None else setting}** | | | | |"
             )
@@ -327,7 +354,9 @@ def main() -> None:
                     print("\n".join(new_rows), flush=True)
                     rows += new_rows
             engine.close()
-    print(f"\nGemma3-4B shape, random bf16 weights, {torch.cuda.get_device_name()}")
+    print(
+        f"\nGemma3-{args.shape.upper()} shape, random bf16 weights, {torch.cuda.get_device_name()}"
+    )
     print("| benchmark | metric | vlm_engine | transformers | engine vs transformers |")
     print("|---|---|---:|---:|---:|")
     print("\n".join(rows))

@@ -170,10 +170,10 @@ async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientGone
 
 
-def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:
+def _auth_dependency(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
     expected = f"Bearer {api_key}".encode() if api_key else None
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: FastAPI runs it on the loop
         if expected is None:
             return
         given = request.headers.get("authorization", "").encode()
