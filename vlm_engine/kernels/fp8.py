@@ -1,8 +1,9 @@
 """FP8 projections: `x @ W.T` with W in float8_e4m3fn and one float32 scale per output channel,
 x quantized per token at run time (each row's scale: its largest magnitude / 448).
 
-On a GPU with FP8 tensor cores (compute capability 8.9 and up) the product is one cuBLASLt FP8
-GEMM (`torch._scaled_mm`) with both sets of scales applied in its epilogue. Elsewhere (a CPU,
+On a GPU with FP8 tensor cores (compute capability 8.9 and up) the activations are quantized by
+one Triton kernel (triton_fp8.py) and the product is one cuBLASLt FP8 GEMM (`torch._scaled_mm`)
+with both sets of scales applied in its epilogue. Elsewhere (a CPU,
 older GPUs) `fp8_linear_ref` computes the same quantized values in the activations' dtype:
 each token's values rounded to float8 and back, the weight dequantized, then an ordinary matmul.
 That is how compressed-tensors runs such a layer in transformers, so on a CPU in float32 the two
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlm_engine.kernels.platform import cuda_capability
+from vlm_engine.kernels.platform import cuda_capability, runs_on_triton
 from vlm_engine.quant_config import FP8_MAX
 
 FP8 = torch.float8_e4m3fn
@@ -57,7 +58,12 @@ def fp8_linear(
     if not uses_scaled_mm(x):
         return fp8_linear_ref(x, weight, scale, bias)
     rows = x.reshape(-1, x.shape[-1])
-    xq, x_scale = quantize_tokens(rows)
+    if runs_on_triton(rows) and rows.stride(-1) == 1:
+        from vlm_engine.kernels.triton_fp8 import quantize_rows
+
+        xq, x_scale = quantize_rows(rows)  # one kernel, the same values as quantize_tokens
+    else:
+        xq, x_scale = quantize_tokens(rows)
     out = torch._scaled_mm(
         xq,
         weight.t(),

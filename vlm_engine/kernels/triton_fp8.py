@@ -1,0 +1,67 @@
+"""Triton per-token FP8 quantization of a projection's input: one kernel instead of the five
+elementwise and reduction passes of `fp8.quantize_tokens` (abs, row maximum, division, clamp,
+cast), each of which reads or writes the whole activation.
+
+A program takes one row: a first sweep over its columns finds the largest magnitude, a second
+divides by the row's scale and stores float8. The arithmetic follows `quantize_tokens` in the
+activation's dtype: the scale is max / 448 rounded to that dtype (the dtype's epsilon for a row
+of zeros), each value divided by it is rounded to that dtype, clamped to +-448, then rounded to
+float8 (nearest, ties to even). So the float8 values and scales are the reference's bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_engine.kernels.platform import jit, tl, triton
+from vlm_engine.quant_config import FP8_MAX
+
+_BLOCK = 1024
+
+
+@jit
+def quantize_rows_kernel(
+    x_ptr,  # [T, K]
+    out_ptr,  # [T, K] float8_e4m3fn
+    scale_ptr,  # [T] float32
+    K,
+    stride_x,
+    stride_out,
+    eps,
+    FP8_LIMIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    peak = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        peak = tl.maximum(peak, tl.abs(x))
+    scale = (tl.max(peak, axis=0) / FP8_LIMIT).to(dtype).to(tl.float32)
+    scale = tl.where(scale == 0.0, eps, scale)
+    out_row = out_ptr + row.to(tl.int64) * stride_out
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        q = (x / scale).to(dtype).to(tl.float32)
+        q = tl.minimum(tl.maximum(q, -FP8_LIMIT), FP8_LIMIT)
+        tl.store(out_row + cols, q.to(out_ptr.dtype.element_ty), mask=cols < K)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, K] (last dimension contiguous) -> (float8 [T, K], float32 scales [T, 1])."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError("quantize_rows takes a 2-D tensor contiguous in its last dimension")
+    rows, k = x.shape
+    out = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        block = min(_BLOCK, triton.next_power_of_2(k))
+        quantize_rows_kernel[(rows,)](
+            x, out, scale, k, x.stride(0), out.stride(0), torch.finfo(x.dtype).eps,
+            FP8_LIMIT=FP8_MAX, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+    return out, scale
