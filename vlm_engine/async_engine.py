@@ -203,6 +203,7 @@ class EngineThread:
     until the loops have taken them, or `LOOP_WAIT_S` has passed."""
 
     LOOP_WAIT_S = 0.05
+    MAX_CATCH_UP = 32  # steps of a core process taken into one delivery at most
 
     def __init__(self) -> None:
         self.engine: Engine | None = None  # set once the first call has built it
@@ -291,7 +292,9 @@ class EngineThread:
         routes, engine = self._routes, self.engine
         try:
             outputs = engine.step()
-            while engine.has_ready_step():
+            for _ in range(self.MAX_CATCH_UP - 1):
+                if not engine.has_ready_step():
+                    break
                 outputs += engine.step()
         except Exception as e:  # a failed step: nothing in flight can be trusted any more
             logger.exception("engine step failed")
