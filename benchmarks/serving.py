@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import concurrent.futures
 import io
 import multiprocessing
 import random
@@ -104,31 +103,42 @@ def engine_messages(job: Job) -> dict:
 
 
 def run_server(url: str, args: argparse.Namespace, rate: float) -> tuple[float, list[Timing]]:
-    """The rate's jobs through the server, dealt round-robin to client processes that start
-    together at one moment of the shared monotonic clock."""
+    """The rate's jobs through the server, dealt round-robin to client processes. Each builds
+    its jobs, then waits until all are ready; they start together at one moment of the shared
+    monotonic clock."""
     parts = args.client_processes
-    build = time.perf_counter()
-    make_jobs(args.num_requests, rate, args.seed, args.max_output)
-    t0 = time.perf_counter() + 2 * (time.perf_counter() - build) + 5.0  # all clients ready by then
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(parts, mp_context=context) as pool:
-        shares = pool.map(
-            client_process, [url] * parts, [args] * parts, [rate] * parts, range(parts),
-            [t0] * parts,
-        )  # fmt: skip
-        timings = [t for share in shares for t in share]
+    ready, go = context.Barrier(parts + 1), context.Event()
+    start, results = context.Value("d", 0.0), context.Queue()
+    workers = [
+        context.Process(
+            target=client_process, args=(url, args, rate, part, ready, go, start, results)
+        )
+        for part in range(parts)
+    ]
+    for worker in workers:
+        worker.start()
+    ready.wait(timeout=300)
+    start.value = t0 = time.perf_counter() + 0.5
+    go.set()
+    timings = [t for _ in workers for t in results.get(timeout=1800)]
+    for worker in workers:
+        worker.join()
     return max(t.end for t in timings) - t0, timings
 
 
-def client_process(
-    url: str, args: argparse.Namespace, rate: float, part: int, t0: float
-) -> list[Timing]:
-    jobs = make_jobs(args.num_requests, rate, args.seed, args.max_output)[
-        part :: args.client_processes
-    ]
-    if time.perf_counter() > t0:
-        print(f"client process {part} was late to start", file=sys.stderr)
-    return asyncio.run(_serve_jobs(url, jobs, t0))
+def client_process(url, args, rate, part, ready, go, start, results) -> None:
+    jobs = make_jobs(args.num_requests, rate, args.seed, args.max_output)
+    asyncio.run(_warm_up(url))
+    ready.wait(timeout=300)
+    go.wait(timeout=300)
+    results.put(asyncio.run(_serve_jobs(url, jobs[part :: args.client_processes], start.value)))
+
+
+async def _warm_up(url: str) -> None:
+    """This process's client and its connections, and one request through the server."""
+    warm = make_jobs(2, 100.0, seed=12345, max_output=16)
+    await _serve_jobs(url, warm, time.perf_counter())
 
 
 async def _serve_jobs(url: str, jobs: list[Job], t0: float) -> list[Timing]:
@@ -151,6 +161,11 @@ async def _serve_jobs(url: str, jobs: list[Job], t0: float) -> list[Timing]:
 
 
 async def run_engine(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[Timing]]:
+    await _run_engine_jobs(engine, make_jobs(8, 100.0, seed=12345, max_output=16))  # warm-up
+    return await _run_engine_jobs(engine, jobs)
+
+
+async def _run_engine_jobs(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[Timing]]:
     async def one(job: Job, t0: float) -> Timing:
         await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
         timing = Timing(time.perf_counter())
@@ -234,6 +249,8 @@ def main() -> None:
         jobs_by_rate = {
             r: make_jobs(args.num_requests, r, args.seed, args.max_output) for r in rates
         }
+        warm = make_jobs(8, 100.0, seed=12345, max_output=16)  # the server's first requests
+        asyncio.run(_serve_jobs(server.url, warm, time.perf_counter()))
         served = {r: summary(*run_server(server.url, args, r), jobs_by_rate[r]) for r in rates}
         server.stop()
         engine = AsyncEngine(path, **engine_options)

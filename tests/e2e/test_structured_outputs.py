@@ -331,7 +331,7 @@ def test_a_new_grammar_compiles_off_the_scheduling_path(checkpoint):
     """While a constraint compiles, its request waits outside the scheduler and the other
     requests keep stepping; an abort reaches a request still waiting; once compiled, the request
     runs. (The compile is held back on purpose, with the real xgrammar compile behind it.)"""
-    with Engine(checkpoint, **OPTIONS) as engine:
+    with Engine(checkpoint, **OPTIONS, core_process=False) as engine:  # its internals
         core = engine.core.engine_core
         release = threading.Event()
         compile_for_real = core.structured._compile
@@ -371,7 +371,7 @@ def test_a_new_grammar_compiles_off_the_scheduling_path(checkpoint):
 def test_warm_up_builds_the_vocabulary_tables_before_any_request(checkpoint):
     """What a GPU engine does at start (here called by hand): the first constrained request then
     waits for its own grammar only."""
-    with Engine(checkpoint, **OPTIONS) as engine:
+    with Engine(checkpoint, **OPTIONS, core_process=False) as engine:  # its internals
         manager = engine.core.engine_core.structured
         manager.warm_up().result(60)
         assert manager._compiler is not None and set(manager._json_masks) == {False, True}
