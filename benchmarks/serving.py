@@ -64,6 +64,7 @@ class Timing:
     stamps: list[float] = field(default_factory=list)  # when each token's chunk came
     tokens: int = 0
     end: float = 0.0
+    images: int = 0
 
 
 def make_jobs(n: int, rate: float, seed: int, max_output: int) -> list[Job]:
@@ -146,7 +147,7 @@ async def _serve_jobs(url: str, jobs: list[Job], t0: float) -> list[Timing]:
 
     async def one(job: Job) -> Timing:
         await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
-        timing = Timing(time.perf_counter())
+        timing = Timing(time.perf_counter(), images=len(job.images))
         stream = await client.chat.completions.create(
             model=MODEL, messages=chat_messages(job), max_tokens=job.output_len, temperature=0,
             stream=True, extra_body={"ignore_eos": True, "min_tokens": job.output_len},
@@ -168,7 +169,7 @@ async def run_engine(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[
 async def _run_engine_jobs(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[Timing]]:
     async def one(job: Job, t0: float) -> Timing:
         await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
-        timing = Timing(time.perf_counter())
+        timing = Timing(time.perf_counter(), images=len(job.images))
         params = SamplingParams(
             temperature=0, max_tokens=job.output_len, min_tokens=job.output_len, ignore_eos=True
         )
@@ -192,6 +193,7 @@ def stamp(timing: Timing) -> None:
 
 def summary(elapsed: float, timings: list[Timing], jobs: list[Job]) -> dict[str, float]:
     ttft = sorted((t.first - t.start) * 1e3 for t in timings if t.first is not None)
+    text_ttft = sorted((t.first - t.start) * 1e3 for t in timings if t.first and not t.images)
     gaps = sorted(
         (b - a) * 1e3 for t in timings for a, b in zip(t.stamps, t.stamps[1:], strict=False)
     )
@@ -200,6 +202,7 @@ def summary(elapsed: float, timings: list[Timing], jobs: list[Job]) -> dict[str,
         "requests_s": len(jobs) / elapsed,
         "tokens_s": tokens / elapsed,
         "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
+        "text_ttft_p50": _pct(text_ttft, 50),
         "itl_p50": _pct(gaps, 50), "itl_p99": _pct(gaps, 99),
     }  # fmt: skip
 
@@ -274,12 +277,16 @@ def main() -> None:
                 f"{row['ttft_p50']:.1f} | {row['ttft_p99']:.1f} | {row['itl_p50']:.2f} | "
                 f"{row['itl_p99']:.2f} |"
             )
-    print("\n| rate req/s | server throughput vs engine | server TTFT p50 - engine (ms) |")
-    print("|---:|---:|---:|")
+    print(
+        "\n| rate req/s | server throughput vs engine | server TTFT p50 - engine (ms) | "
+        "the same, requests without images (ms) |"
+    )
+    print("|---:|---:|---:|---:|")
     for rate in rates:
         loss = 1 - served[rate]["tokens_s"] / direct[rate]["tokens_s"]
         extra = served[rate]["ttft_p50"] - direct[rate]["ttft_p50"]
-        print(f"| {rate:g} | {-loss * 100:+.1f}% | {extra:+.1f} |")
+        text = served[rate]["text_ttft_p50"] - direct[rate]["text_ttft_p50"]
+        print(f"| {rate:g} | {-loss * 100:+.1f}% | {extra:+.1f} | {text:+.1f} |")
 
 
 if __name__ == "__main__":
