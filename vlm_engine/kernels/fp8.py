@@ -44,7 +44,9 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
 
 def uses_scaled_mm(x: torch.Tensor) -> bool:
-    return x.is_cuda and cuda_capability(x.device) >= (8, 9) and x.dtype != torch.float32
+    """FP8 tensor cores, and bf16 activations (cuBLASLt's per-row and per-column scales give a
+    bf16 output only); float16 and float32 take the reference."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and cuda_capability(x.device) >= (8, 9)
 
 
 def fp8_linear(
@@ -53,8 +55,8 @@ def fp8_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x: [T, K] (bf16/fp16 on a GPU, any float elsewhere), weight: float8 [N, K], scale:
-    float32 [N, 1] -> [T, N] in x's dtype."""
+    """x: [T, K] (or [..., K]), weight: float8 [N, K], scale: float32 [N, 1] -> [T, N] in x's
+    dtype."""
     if not uses_scaled_mm(x):
         return fp8_linear_ref(x, weight, scale, bias)
     rows = x.reshape(-1, x.shape[-1])
@@ -65,13 +67,10 @@ def fp8_linear(
     else:
         xq, x_scale = quantize_tokens(rows)
     out = torch._scaled_mm(
-        xq,
-        weight.t(),
-        scale_a=x_scale.float(),
-        scale_b=scale.t(),
-        bias=bias,
-        out_dtype=x.dtype,
+        xq, weight.t(), scale_a=x_scale.float(), scale_b=scale.t(), out_dtype=x.dtype
     )
+    if bias is not None:
+        out += bias
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
