@@ -52,7 +52,7 @@ Item = RequestOutput | BaseException
 
 class AsyncEngine:
     def __init__(self, checkpoint_dir: str | Path, **options: Any):
-        self._thread = EngineThread()
+        self._thread = EngineThread(self._deliver)
         self.engine: Engine = self._thread.call(Engine, checkpoint_dir, **options).result()
         self._thread.engine = self.engine
         self._frontend = concurrent.futures.ThreadPoolExecutor(
@@ -119,7 +119,7 @@ class AsyncEngine:
         self._queues[request_id] = queue
         self._unfinished.add(request_id)
         try:
-            await self._call(self._thread.add, prepared, loop, self._deliver)
+            await self._call(self._thread.add, prepared, loop)
         except BaseException:
             self._queues.pop(request_id, None)
             self._unfinished.discard(request_id)
@@ -199,17 +199,17 @@ class AsyncEngine:
 class EngineThread:
     """The one thread that touches the `Engine`: it runs the calls it is given in order and,
     whenever a request is unfinished, steps the engine between them. Each step's outputs go to
-    the event loop of the requests they belong to, in one callback per loop; the next step waits
-    until the loops have taken them, or `LOOP_WAIT_S` has passed."""
+    the event loop of the requests they belong to, in one call of `deliver` per loop; the next
+    step waits until the loops have taken them, or `LOOP_WAIT_S` has passed."""
 
     LOOP_WAIT_S = 0.05
     MAX_CATCH_UP = 32  # steps of a core process taken into one delivery at most
 
-    def __init__(self) -> None:
+    def __init__(self, deliver: Callable[[list[tuple[str, Item]]], None]) -> None:
         self.engine: Engine | None = None  # set once the first call has built it
         self.error: BaseException | None = None  # a failed step: nothing can be trusted then
-        # request id -> (event loop, callback taking [(request id, output or error)])
-        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, Callable[..., None]]] = {}
+        self._deliver = deliver  # run on an event loop with [(request id, output or error)]
+        self._loops: dict[str, asyncio.AbstractEventLoop] = {}  # of each unfinished request
         self._calls: SimpleQueue[_Call | object | None] = SimpleQueue()
         self._lock = threading.Lock()
         self._stopped = False
@@ -239,15 +239,13 @@ class EngineThread:
 
     # ---- calls that run on the thread ------------------------------------------------------
 
-    def add(
-        self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop, deliver: Callable
-    ) -> str:
+    def add(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop) -> str:
         request_id = self.engine.add_prepared(prepared, True)
-        self._routes[request_id] = (loop, deliver)
+        self._loops[request_id] = loop
         return request_id
 
     def abort(self, request_id: str) -> list[RequestOutput]:
-        self._routes.pop(request_id, None)
+        self._loops.pop(request_id, None)
         return self.engine.abort_request(request_id)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -289,7 +287,7 @@ class EngineThread:
     def _step(self) -> int:
         """One step, and every further step the core has already finished (a frontend that fell
         behind catches up in one delivery); returns the number of event loops delivered to."""
-        routes, engine = self._routes, self.engine
+        loops, engine = self._loops, self.engine
         try:
             outputs = engine.step()
             for _ in range(self.MAX_CATCH_UP - 1):
@@ -300,27 +298,26 @@ class EngineThread:
             logger.exception("engine step failed")
             self.error = e
             failure = EngineDeadError(f"the engine failed: {e!r}")
-            self._send([(route, request_id, failure) for request_id, route in routes.items()])
-            routes.clear()
+            self._send([(loop, request_id, failure) for request_id, loop in loops.items()])
+            loops.clear()
             return 0
         routed = []
         for out in outputs:
-            route = routes.get(out.request_id)
-            if route is not None:
-                routed.append((route, out.request_id, out))
+            loop = loops.get(out.request_id)
+            if loop is not None:
+                routed.append((loop, out.request_id, out))
                 if out.finished:
-                    del routes[out.request_id]
+                    del loops[out.request_id]
         return self._send(routed)
 
-    @staticmethod
-    def _send(items: list[tuple[tuple[asyncio.AbstractEventLoop, Callable], str, Item]]) -> int:
-        by_route: dict[tuple[asyncio.AbstractEventLoop, Callable], list] = {}
-        for route, request_id, item in items:
-            by_route.setdefault(route, []).append((request_id, item))
+    def _send(self, items: list[tuple[asyncio.AbstractEventLoop, str, Item]]) -> int:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, Item]]] = {}
+        for loop, request_id, item in items:
+            by_loop.setdefault(loop, []).append((request_id, item))
         sent = 0
-        for (loop, deliver), batch in by_route.items():
+        for loop, batch in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
-                loop.call_soon_threadsafe(deliver, batch)
+                loop.call_soon_threadsafe(self._deliver, batch)
                 sent += 1
         return sent
 

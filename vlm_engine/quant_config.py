@@ -29,7 +29,6 @@ QUANTIZATIONS = ("fp8",)  # what Engine(quantization=...) takes
 class Fp8Config:
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ()
-    from_checkpoint: bool = False  # False: quantized at load time (online)
 
     def quantizes(self, name: str, class_name: str = "Linear") -> bool:
         """Whether the layer of this checkpoint name (without `.weight`) is FP8."""
@@ -81,7 +80,7 @@ def read_quantization_config(raw: dict[str, Any]) -> Fp8Config | None:
     ignore = config.get("ignore") or []
     if not isinstance(ignore, list):
         raise ConfigError("quantization_config's ignore is not a list")
-    return Fp8Config(tuple(targets), tuple(str(i) for i in ignore), from_checkpoint=True)
+    return Fp8Config(tuple(targets), tuple(str(i) for i in ignore))
 
 
 def _check_fp8_dynamic(name: str, group: Any) -> None:
@@ -139,4 +138,4 @@ def online_fp8_config(model_is_multimodal: bool) -> Fp8Config:
     ignore = ("re:.*lm_head",)
     if model_is_multimodal:
         ignore += ("re:.*vision_tower.*", "re:.*multi_modal_projector.*")
-    return Fp8Config(("Linear",), ignore, from_checkpoint=False)
+    return Fp8Config(("Linear",), ignore)

@@ -46,7 +46,7 @@ def with_group(**changes) -> dict:
 
 def test_fp8_dynamic_is_read_with_its_targets_and_ignore():
     config = read_quantization_config({"quantization_config": FP8_DYNAMIC})
-    assert config == Fp8Config(("Linear",), ("lm_head", "re:.*vision_tower.*"), True)
+    assert config == Fp8Config(("Linear",), ("lm_head", "re:.*vision_tower.*"))
     assert read_quantization_config({}) is None
 
 

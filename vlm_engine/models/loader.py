@@ -7,7 +7,8 @@ that names them.
 
 FP8 (models/fp8.py): a checkpoint whose config declares FP8 dynamic (compressed-tensors) gets
 `Fp8Linear` layers where the config says, filled with its float8 weights and their scales as
-stored; `quantization="fp8"` quantizes a bf16 checkpoint's decoder projections after loading.
+stored; `quantization="fp8"` quantizes a bf16 checkpoint's decoder projections as each weight is
+read, in the dtype it is stored in.
 """
 
 from __future__ import annotations
@@ -74,23 +75,23 @@ def load_model(
     device, dtype = torch.device(device), resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Gemma3Model(config)
-    online = None  # an FP8 checkpoint's layers are FP8 already
-    if quantization == "fp8" and config.quantization is None:
-        online = online_fp8_config(config.is_multimodal)
+    fp8_config = config.quantization  # an FP8 checkpoint's layers are FP8 already
+    online = quantization == "fp8" and fp8_config is None
+    if online:
+        fp8_config = online_fp8_config(config.is_multimodal)
     if load_format == "dummy":
         _fill_random(model, dtype, device)
-        if config.quantization is not None or online is not None:
-            quantize_layers(model, fp8_layer_names(model, config.quantization or online))
+        if fp8_config is not None:
+            quantize_layers(model, fp8_layer_names(model, fp8_config))
         model.language_model.init_rope(device)
         return model.eval()
     if load_format != "safetensors":
         raise ConfigError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
-    fp8_config = config.quantization or online
     quantize_on_load: set[str] = set()  # online FP8 layers: quantized as their weight is read
     if fp8_config is not None:
         names = fp8_layer_names(model, fp8_config, checkpoint_module_names(checkpoint_dir, config))
         make_fp8_layers(model, names)
-        if online is not None:
+        if online:
             quantize_on_load = {f"{n}.weight" for n in names}
     expected = dict(model.named_parameters())
     loaded, unexpected = set(), []
