@@ -4,11 +4,12 @@ beside the engine's Triton kernels with the configs it picks (kernels/linear.py)
 from L2), with and without programmatic dependent launch. Also the fused gate/up projection with
 its activation against cuBLAS followed by the activation kernel.
 
-    python benchmarks/skinny_linear.py [--sweep]
+    python benchmarks/skinny_linear.py [--sweep | --fp8]
 
 --sweep times, instead, one-row tile configs of the CUDA-core kernel for each projection (block
 rows, K tile width, K split, warps; with PDL) beside the config the engine picks: how the
-one-row tiles in kernels/linear.py were chosen.
+one-row tiles in kernels/linear.py were chosen. --fp8 does the same for float8 weights at 1, 2
+and 4 rows, beside the bf16 kernel and the FP8 GEMM of larger steps.
 """
 
 from __future__ import annotations
@@ -107,11 +108,101 @@ def sweep() -> None:
             print(f"| {name} | {tile}{mark} | {us:.2f} | {n * k * 2 / us / 1e3:.0f} |", flush=True)
 
 
+FP8_TILES_CUDA_CORE = [
+    LinearConfig(block_n=bn, block_k=bk, split_k=split, num_warps=warps)
+    for (bn, bk), split, warps in itertools.product(
+        [(4, 1024), (8, 1024), (8, 2048), (16, 1024), (16, 2048), (32, 1024)], (1, 2), (4, 8)
+    )
+]
+FP8_TILES_DOT = [
+    LinearConfig(block_n=bn, block_k=bk, split_k=split, num_stages=stages, use_dot=True)
+    for (bn, bk, stages), split in itertools.product(
+        [(32, 256, 4), (32, 256, 6), (64, 128, 4), (64, 256, 3), (64, 256, 4), (128, 128, 4),
+         (32, 512, 3), (64, 512, 3), (128, 256, 3)],
+        (1, 2, 4),
+    )
+]  # fmt: skip
+
+
+def fp8_sweep() -> None:
+    """Float8 weights (kernels/fp8.py) at 1, 2 and 4 rows: the engine's bf16 projection, the
+    FP8 GEMM of larger steps (activation quantization + cuBLASLt), the skinny kernels with the
+    configs the engine picks for float8, and the five fastest of a grid of both kernels."""
+    from vlm_engine.kernels.fp8 import quantize_weight
+
+    print(f"{torch.cuda.get_device_name()}; GB/s: the float8 weight's bytes per second")
+    print("| projection | rows | variant | us/layer | GB/s |")
+    print("|---|---:|---|---:|---:|")
+    for name, (n, k) in SHAPES.items():
+        bf16 = [
+            torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)
+        ]
+        quantized = [quantize_weight(w) for w in bf16]
+        for rows in (1, 2, 4):
+            _fp8_rows(name, rows, bf16, quantized)
+
+
+def _fp8_rows(name: str, rows: int, bf16: list, quantized: list) -> None:
+    from vlm_engine.kernels.fp8 import fp8_linear
+
+    n, k = bf16[0].shape
+    act = "gelu_mul" if name == "gate/up" else None
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+
+    def run_bf16():
+        for w in bf16:
+            skinny_linear(x, w, act, skinny_config(w, rows))
+
+    def run_scaled_mm():
+        for w, scale in quantized:
+            y = fp8_linear(x, w, scale)
+            if act:
+                gelu_and_mul(y)
+
+    def run(config):
+        for w, scale in quantized:
+            skinny_linear(x, w, act, config, scale)
+
+    def row(variant, fn):
+        us = graph_ms(fn) / LAYERS * 1e3
+        print(f"| {name} | {rows} | {variant} | {us:.2f} | {n * k / us / 1e3:.0f} |", flush=True)
+
+    row("bf16 weights, the engine's kernel", run_bf16)
+    row("FP8 GEMM (cuBLASLt)", run_scaled_mm)
+    picked = skinny_config(quantized[0][0], rows)
+    row(f"float8, the engine's: {_describe(picked)}", lambda: run(picked))
+    grid = FP8_TILES_DOT + (FP8_TILES_CUDA_CORE if rows <= 2 else [])
+    timed = []
+    for config in grid:
+        if k // config.split_k < config.block_k:
+            continue
+        if act == "gelu_mul" and config.block_n % (2 * GATE_UP_GROUP):
+            continue
+        try:
+            timed.append((graph_ms(lambda c=config: run(c)), config))
+        except Exception as error:  # a tile too large for the SM's shared memory
+            print(f"| {name} | {rows} | {_describe(config)} | failed: {type(error).__name__} | |")
+    for ms, config in sorted(timed, key=lambda t: t[0])[:5]:
+        us = ms / LAYERS * 1e3
+        print(f"| {name} | {rows} | {_describe(config)} | {us:.2f} | {n * k / us / 1e3:.0f} |")
+
+
+def _describe(config: LinearConfig) -> str:
+    kind = f"tensor cores, {config.num_stages} stages" if config.use_dot else "CUDA cores"
+    return (f"{config.block_n} x {config.block_k}, split {config.split_k}, "
+            f"{config.num_warps} warps, {kind}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="one-row tile configs")
+    parser.add_argument("--fp8", action="store_true", help="float8 weights: tile configs")
     torch.manual_seed(0)
-    if parser.parse_args().sweep:
+    args = parser.parse_args()
+    if args.fp8:
+        fp8_sweep()
+        return
+    if args.sweep:
         sweep()
         return
     bandwidth = read_bandwidth()

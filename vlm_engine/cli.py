@@ -21,6 +21,7 @@ from vlm_engine.captioning import (
 )
 from vlm_engine.demo.model import DEMO_PROMPT, default_model_path, demo_request
 from vlm_engine.errors import CheckpointError, ConfigError, InvalidSamplingParamsError
+from vlm_engine.quant_config import QUANTIZATIONS
 from vlm_engine.sampling_params import SamplingParams
 from vlm_engine.server.options import DESCRIPTION as SERVE_DESCRIPTION
 from vlm_engine.server.options import EPILOG as SERVE_EPILOG
@@ -409,9 +410,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quantization",
-        choices=("fp8",),
+        choices=QUANTIZATIONS,
         default=None,
-        help="fp8: quantize the decoder's projections to FP8 at load (FP8 checkpoints are already)",
+        help="fp8: quantize the decoder's projections and the vision tower's linear layers to "
+        "FP8 at load; fp8-decoder: the decoder's only (FP8 checkpoints are FP8 already)",
     )
 
 

@@ -22,7 +22,10 @@ from typing import Any
 from vlm_engine.errors import ConfigError
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-QUANTIZATIONS = ("fp8",)  # what Engine(quantization=...) takes
+# What Engine(quantization=...) takes: "fp8" quantizes the decoder's projections and the vision
+# tower's linear layers at load time, "fp8-decoder" the decoder's only (the layout of published
+# Gemma3 FP8-dynamic checkpoints).
+QUANTIZATIONS = ("fp8", "fp8-decoder")
 
 
 @dataclass(frozen=True)
@@ -132,10 +135,17 @@ def describe_scheme(group: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def online_fp8_config(model_is_multimodal: bool) -> Fp8Config:
-    """`quantization="fp8"` on a bf16 checkpoint: the decoder's projections. The LM head (tied to
-    the embedding in Gemma3) and the vision tower and projector stay as they are."""
+def online_fp8_config(quantization: str, model_is_multimodal: bool) -> Fp8Config:
+    """An online quantization (QUANTIZATIONS) of a bf16 checkpoint: the decoder's projections
+    and, with "fp8", the vision tower's linear layers. The LM head (tied to the embedding in
+    Gemma3), the projector and the tower's patch embedding stay as they are."""
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(
+            f"quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}"
+        )
     ignore = ("re:.*lm_head",)
     if model_is_multimodal:
-        ignore += ("re:.*vision_tower.*", "re:.*multi_modal_projector.*")
+        ignore += ("re:.*multi_modal_projector.*",)
+        if quantization == "fp8-decoder":
+            ignore += ("re:.*vision_tower.*",)
     return Fp8Config(("Linear",), ignore)

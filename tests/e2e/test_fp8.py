@@ -149,14 +149,30 @@ def test_engine_greedy_tokens_match_transformers_generate(fp8_dir, hf):
         assert out.token_ids == generated[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def test_online_fp8_is_the_checkpoint_the_library_writes(source, ours):
-    """quantization="fp8" on the unquantized checkpoint: the same float8 weights and scales as
-    compressed-tensors wrote, hence the same logits."""
-    online = VisionLanguagePipeline.load(source, dtype="float32", quantization="fp8")
+@pytest.fixture(scope="module")
+def fp8_vision_dir(source, tmp_path_factory):
+    return write_fp8_checkpoint(source, tmp_path_factory.mktemp("fp8v"), quantize_vision=True)
+
+
+@pytest.mark.parametrize("quantization", ["fp8-decoder", "fp8"])
+def test_online_fp8_is_the_checkpoint_the_library_writes(quantization, source, request):
+    """quantization="fp8-decoder" on the unquantized checkpoint: the same float8 weights and
+    scales as compressed-tensors wrote for the decoder (the published layout), hence the same
+    logits; "fp8": the same with the vision tower's linear layers quantized too."""
+    written = request.getfixturevalue(
+        "fp8_dir" if quantization == "fp8-decoder" else "fp8_vision_dir"
+    )
+    ours = VisionLanguagePipeline.load(written, dtype="float32", device=DEVICE)
+    online = VisionLanguagePipeline.load(
+        source, dtype="float32", device=DEVICE, quantization=quantization
+    )
+    float8 = 0
     for (name, a), (_, b) in zip(
         online.model.named_parameters(), ours.model.named_parameters(), strict=True
     ):
         assert a.dtype == b.dtype and torch.equal(a.cpu().float(), b.cpu().float()), name
+        float8 += a.dtype == torch.float8_e4m3fn and name.startswith("vision_tower.")
+    assert (float8 > 0) == (quantization == "fp8")
     text, sizes = CASES["two_images"]
     images = [random_image(*size) for size in sizes]
     assert torch.equal(logits_of(online, text, images), logits_of(ours, text, images))
@@ -185,8 +201,8 @@ def test_online_fp8_from_bfloat16_weights_matches_the_library(source, tmp_path):
     assert torch.equal(layer.up_proj.weight.float(), other.up_proj.weight.float())
 
 
-def test_a_vision_tower_in_fp8_matches_transformers(source, tmp_path):
-    fp8_vision = write_fp8_checkpoint(source, tmp_path / "fp8v", quantize_vision=True)
+def test_a_vision_tower_in_fp8_matches_transformers(fp8_vision_dir):
+    fp8_vision = fp8_vision_dir
     ours = VisionLanguagePipeline.load(fp8_vision, dtype="float32", device=DEVICE)
     ours.model.fuse_projections()  # the fused q/k/v of the tower in FP8 too
     tower = ours.model.vision_tower.encoder.layers[0]

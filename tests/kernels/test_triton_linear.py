@@ -176,3 +176,26 @@ def test_float8_weights_with_their_scales(config, act):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs its scales"):
         skinny_linear(x, weight, act, config)
+
+
+@pytest.mark.parametrize("act", [None, "gelu_mul"])
+def test_float8_weights_with_bf16_activations_beyond_float16_range(act):
+    """The tensor-core kernel multiplies float8 weights with bf16 activations in float16, each
+    row scaled by a power of two first: rows whose values float16 cannot hold (1e6, 1e-9) come
+    out as exactly as ordinary ones."""
+    from vlm_engine.kernels.fp8 import quantize_weight
+
+    gen = torch.Generator().manual_seed(3)
+    weight, scale = quantize_weight(_randn(64, 96, gen=gen) * 0.1)
+    x = _randn(3, 96, gen=gen)
+    x[0] *= 1e6  # float16 overflows at 65504
+    x[1] *= 1e-9  # and flushes below 6e-8
+    x = x.bfloat16()
+    out = skinny_linear(x, weight, act, LinearConfig(block_n=16, block_k=32, use_dot=True), scale)
+    exact = x.double() @ (weight.double() * scale.double()).T
+    if act is not None:
+        exact = gelu_and_mul_ref(exact.bfloat16()).double()
+    assert torch.isfinite(out.float()).all()
+    for row in range(3):  # each row within bf16 rounding of its own magnitude
+        ulp = torch.finfo(torch.bfloat16).eps * exact[row].abs().max()
+        assert (out[row].double() - exact[row]).abs().max() <= 2 * ulp, row

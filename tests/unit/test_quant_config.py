@@ -108,12 +108,24 @@ def test_other_quantization_configs_are_refused(change, message):
         read_quantization_config({"quantization_config": {**FP8_DYNAMIC, **change}})
 
 
-def test_online_fp8_leaves_the_vision_tower_and_head_alone():
-    config = online_fp8_config(model_is_multimodal=True)
+def test_online_fp8_decoder_leaves_the_vision_tower_and_head_alone():
+    config = online_fp8_config("fp8-decoder", model_is_multimodal=True)
     assert config.quantizes("language_model.layers.0.mlp.gate_proj")
     assert not config.quantizes("vision_tower.encoder.layers.0.mlp.fc1")
     assert not config.quantizes("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1")
     assert not config.quantizes("lm_head")
+    assert not config.quantizes("model.multi_modal_projector.mm_input_projection")
+
+
+def test_online_fp8_takes_the_vision_towers_linear_layers_too():
+    config = online_fp8_config("fp8", model_is_multimodal=True)
+    assert config.quantizes("language_model.layers.0.self_attn.q_proj")
+    assert config.quantizes("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1")
+    assert config.quantizes("model.vision_tower.vision_model.encoder.layers.3.self_attn.out_proj")
+    assert not config.quantizes("lm_head")
+    assert not config.quantizes("model.multi_modal_projector.mm_input_projection")
+    with pytest.raises(ConfigError, match="quantization must be one of"):
+        online_fp8_config("int8", model_is_multimodal=True)
 
 
 def test_the_engine_option_is_checked():

@@ -140,6 +140,20 @@ def _scaled(acc, scale_ptr, pid_n, N, BLOCK_N: tl.constexpr, HAS_SCALE: tl.const
 
 
 @jit
+def _dot_f16(x, w, acc):
+    """acc + x @ w.T on float16 tensor cores, for a float8 w and bf16 (or fp16) x: every float8
+    value is a float16 one, and one conversion instruction makes two of them (bf16 has no such
+    instruction). x is scaled per row by a power of two that puts its largest magnitude below
+    2^14 (bf16's range is wider than float16's), so its values stay exact down to 2^-24 of
+    that magnitude, and the tile's products are scaled back in float32, exactly."""
+    xf = x.to(tl.float32)
+    exponent = tl.max(tl.abs(xf), axis=1).to(tl.int32, bitcast=True) >> 23  # biased, >= 0
+    row_scale = (tl.maximum(exponent - 13, 1) << 23).to(tl.float32, bitcast=True)
+    xs = (xf * (1.0 / row_scale)[:, None]).to(tl.float16)
+    return acc + tl.dot(xs, tl.trans(w.to(tl.float16))) * row_scale[:, None]
+
+
+@jit
 def _program_tile(
     x_ptr, w_ptr, pid_n, pid_k, N, K, k_per_split, stride_x, stride_w,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -231,6 +245,7 @@ def skinny_linear_dot_kernel(
     TANH_FROM_EXP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    F16_DOT: tl.constexpr,  # float8 W and 16-bit x: multiply in float16 (_dot_f16)
     USE_PDL: tl.constexpr,
 ):
     # Tensor cores, for up to 16 rows (x padded to BLOCK_T = 16): W streamed through the
@@ -246,7 +261,10 @@ def skinny_linear_dot_kernel(
         k_mask = ks < k_end
         x = tl.load(x_rows + ks[None, :], mask=(rows < num_rows)[:, None] & k_mask[None, :])
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+        if F16_DOT:
+            acc = _dot_f16(x, w, acc)
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     acc = _scaled(acc, scale_ptr, pid_n, N, BLOCK_N, HAS_SCALE)
     _finish(
         out_ptr, partial_ptr, counter_ptr, acc, rows, num_rows, pid_n, pid_k, N, stride_out,
@@ -306,6 +324,7 @@ def skinny_linear(
     if cfg.use_dot:
         kernel = skinny_linear_dot_kernel
         extra["DOT_PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
+        extra["F16_DOT"] = scale is not None and x.dtype in (torch.bfloat16, torch.float16)
     kernel[grid](
         x, weight, scale if scale is not None else weight, out, partials, counter_buffer(x.device),
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),

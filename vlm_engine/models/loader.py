@@ -69,16 +69,17 @@ def load_model(
 ) -> Gemma3Model:
     """`load_format="dummy"` fills the weights with seeded random values on the device instead
     of reading files: for benchmarks of real model shapes without their weights (an FP8
-    checkpoint's layers are quantized from them). `quantization="fp8"`: quantize the decoder's
-    projections at load time (an FP8 checkpoint's are already)."""
+    checkpoint's layers are quantized from them). `quantization` ("fp8": the decoder's
+    projections and the vision tower's linear layers, "fp8-decoder": the decoder's only):
+    quantize them at load time (an FP8 checkpoint's layers are FP8 already)."""
     checkpoint_dir = Path(checkpoint_dir or config.checkpoint_dir)
     device, dtype = torch.device(device), resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Gemma3Model(config)
     fp8_config = config.quantization  # an FP8 checkpoint's layers are FP8 already
-    online = quantization == "fp8" and fp8_config is None
+    online = quantization is not None and fp8_config is None
     if online:
-        fp8_config = online_fp8_config(config.is_multimodal)
+        fp8_config = online_fp8_config(quantization, config.is_multimodal)
     if load_format == "dummy":
         _fill_random(model, dtype, device)
         if fp8_config is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_engine import envs
+from vlm_engine.quant_config import QUANTIZATIONS
 
 DESCRIPTION = """\
 Serve the OpenAI API (chat completions with images, completions, models) over one engine:
@@ -99,9 +100,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="weights and activations (default: auto, bfloat16 on a GPU, float32 on a CPU)",
     )  # fmt: skip
     engine.add_argument(
-        "--quantization", choices=("fp8",), default=None,
-        help="fp8: quantize the decoder's projections to FP8 at load (an FP8 checkpoint is "
-        "FP8 already)",
+        "--quantization", choices=QUANTIZATIONS, default=None,
+        help="fp8: quantize the decoder's projections and the vision tower's linear layers to "
+        "FP8 at load; fp8-decoder: the decoder's only (an FP8 checkpoint is FP8 already)",
     )  # fmt: skip
     ints = {
         "max_num_seqs": "most requests running at once (default: 64)",

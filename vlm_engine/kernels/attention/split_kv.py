@@ -21,17 +21,20 @@ def merge_splits(
     split_sum_ptr,  # [S, num_heads, NUM_SPLITS] float32
     row,  # seq * num_heads + head
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     NUM_SPLITS: tl.constexpr,
 ):
-    """One (sequence, head)'s output [HEAD_DIM] float32: every split rescaled to the common max,
+    """One (sequence, head)'s output [HEAD_DIM_PAD] float32 (zeros past HEAD_DIM): every split rescaled to the common max,
     normalized once. The splits were written by other programs of the same kernel: loads go
     through L2 (.cg), where their writes are visible once they have arrived (kernels/arrival.py)."""
     splits = tl.arange(0, NUM_SPLITS)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM_PAD)
     split_max = tl.load(split_max_ptr + row * NUM_SPLITS + splits, cache_modifier=".cg")
     split_sum = tl.load(split_sum_ptr + row * NUM_SPLITS + splits, cache_modifier=".cg")
     acc = tl.load(
         split_acc_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :],
+        mask=(dims < HEAD_DIM)[None, :],
+        other=0.0,
         cache_modifier=".cg",
     )
     weight = tl.exp2(split_max - tl.max(split_max, axis=0))  # an empty split: max -1e30 -> 0

@@ -74,6 +74,7 @@ def paged_attention_kernel(
     stride_cd,
     stride_bt,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange, tl.dot)
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two
     BLOCK_Q: tl.constexpr,  # query tokens per program
@@ -114,7 +115,8 @@ def paged_attention_kernel(
     row_valid = (rows < BLOCK_Q * GROUP_PAD) & (row_head < GROUP) & (row_token < query_len)
     token = (query_begin + row_token).to(tl.int64)
     head = kv_head * GROUP + row_head
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM  # padded dims read as zeros and are never written
 
     seq_len = tl.load(seq_lens_ptr + seq)
     position = tl.load(positions_ptr + token, mask=row_valid, other=0)
@@ -143,12 +145,14 @@ def paged_attention_kernel(
     if tile_start >= query_len:
         return
     q_offsets = token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :] * stride_qd
-    q = tl.load(query_ptr + q_offsets, mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    q = tl.load(
+        query_ptr + q_offsets, mask=row_valid[:, None] & dim_valid[None, :], other=0.0
+    )  # [BLOCK_M, HEAD_DIM_PAD]
 
     # A finite floor: a tile a row cannot see gives exp2(-inf - floor) = 0, never NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     num_visited = kv_end * 0
     for tile_key in range(first_tile, last_key, BLOCK_N):
         keys = tile_key + tl.arange(0, BLOCK_N)
@@ -158,13 +162,15 @@ def paged_attention_kernel(
         block = tl.where(in_first, first_blocks, block).to(tl.int64)
         slot = block * stride_cblock + (keys % KV_BLOCK_SIZE) * stride_cslot
         k = tl.load(
-            cache + slot[None, :] + dims[:, None] * stride_cd, mask=needed[None, :], other=0.0
-        )  # [HEAD_DIM, BLOCK_N]
+            cache + slot[None, :] + dims[:, None] * stride_cd,
+            mask=needed[None, :] & dim_valid[:, None],
+            other=0.0,
+        )  # [HEAD_DIM_PAD, BLOCK_N]
         v = tl.load(
             cache + stride_ckv + slot[:, None] + dims[None, :] * stride_cd,
-            mask=needed[:, None],
+            mask=needed[:, None] & dim_valid[None, :],
             other=0.0,
-        )  # [BLOCK_N, HEAD_DIM]
+        )  # [BLOCK_N, HEAD_DIM_PAD]
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2e
         visible = keys[None, :] < kv_limit[:, None]
         if USE_WINDOW:
@@ -184,23 +190,25 @@ def paged_attention_kernel(
         tl.store(split_max_ptr + split_row, m_i, mask=row_valid)
         tl.store(split_sum_ptr + split_row, l_i, mask=row_valid)
         acc_offsets = split_row[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(split_acc_ptr + acc_offsets, acc, mask=row_valid[:, None])
+        tl.store(split_acc_ptr + acc_offsets, acc, mask=row_valid[:, None] & dim_valid[None, :])
         group_id = seq * num_kv_heads + kv_head
         if arrive_last(counter_ptr, group_id, NUM_SPLITS):
             for g in tl.static_range(GROUP):
                 h = kv_head * GROUP + g
                 merged = merge_splits(
                     split_acc_ptr, split_max_ptr, split_sum_ptr,
-                    seq.to(tl.int64) * (num_kv_heads * GROUP) + h, HEAD_DIM, NUM_SPLITS,
+                    seq.to(tl.int64) * (num_kv_heads * GROUP) + h, HEAD_DIM, HEAD_DIM_PAD,
+                    NUM_SPLITS,
                 )  # fmt: skip
                 o_offsets = query_begin.to(tl.int64) * stride_ot + h * stride_oh + dims * stride_od
-                tl.store(out_ptr + o_offsets, merged.to(out_ptr.dtype.element_ty))
+                tl.store(out_ptr + o_offsets, merged.to(out_ptr.dtype.element_ty), mask=dim_valid)
             reset(counter_ptr, group_id)
         return
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only masked padding rows see no key
     out = acc / l_i[:, None]
     o_offsets = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od
-    tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    o_mask = row_valid[:, None] & dim_valid[None, :]
+    tl.store(out_ptr + o_offsets, out.to(out_ptr.dtype.element_ty), mask=o_mask)
     if COUNT_TILES:
         tl.store(visited_tiles_ptr + token * num_kv_heads + kv_head, num_visited, mask=row_valid)
 
@@ -317,6 +325,7 @@ def paged_attention(
         kv_cache.stride(4),
         block_tables.stride(0),
         HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_Q=block_q,
@@ -383,8 +392,8 @@ def _check_query_and_cache(query: torch.Tensor, kv_cache: torch.Tensor) -> None:
             "kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim] with the "
             f"query's head_dim {head_dim}, got {tuple(kv_cache.shape)}"
         )
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if head_dim < 16 or head_dim > 256:
+        raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
     if num_heads % kv_cache.shape[3]:
         raise ValueError(
             f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_cache.shape[3]}"
