@@ -75,3 +75,17 @@ def test_decode_steps_read_the_float8_weights(shape, rows):
     expected = x.float() @ (weight.float() * scale).T
     error = (out.float() - expected).abs().max() / expected.abs().max()
     assert error < 1e-2, f"relative error {error:.2e}"
+
+
+def test_a_bias_is_added_to_the_product():
+    n, k = 1152, 1152
+    generator = torch.Generator("cuda").manual_seed(11)
+    weight, scale = quantize_weight(
+        torch.randn(n, k, device="cuda", generator=generator).to(torch.bfloat16) * 0.02
+    )
+    bias = torch.randn(n, device="cuda", generator=generator).to(torch.bfloat16)
+    x = torch.randn(300, k, device="cuda", generator=generator).to(torch.bfloat16)
+    out = fp8_linear(x, weight, scale, bias)
+    reference = _dequantized_product(x, weight, scale) + bias.float()
+    error = (out.float() - reference).abs().max() / reference.abs().max()
+    assert error < 1e-2, f"relative error {error:.2e}"

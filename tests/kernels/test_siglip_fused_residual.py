@@ -164,3 +164,24 @@ def test_layers_keep_autograd_where_gradients_are_wanted(norm_calls, monkeypatch
     tower(pixels).sum().backward()
     assert norm_calls == []
     assert tower.encoder.layers[0].layer_norm1.weight.grad is not None
+
+
+def test_fp8_layers_on_the_fused_path_match_the_plain_layers(norm_calls, monkeypatch):
+    """Every linear layer of the tower in FP8 (quantization="fp8"): the fused path adds the FP8
+    GEMMs' outputs to the stream and applies fc2's GELU inside its input quantization."""
+    from vlm_engine.models.fp8 import Fp8Linear, quantize_layers
+
+    tower = make_tower(seed=4)
+    names = [n for n, m in tower.named_modules() if isinstance(m, torch.nn.Linear)]
+    quantize_layers(tower, names)
+    tower.fuse_projections()
+    assert isinstance(tower.encoder.layers[0].mlp.fc2, Fp8Linear)
+    gen = torch.Generator().manual_seed(5)
+    pixels = torch.randn(2, 3, CONFIG.image_size, CONFIG.image_size, generator=gen).to(DEVICE)
+    plain = run_tower(tower, pixels, monkeypatch, fused=False)
+    fused = run_tower(tower, pixels, monkeypatch, fused=True)
+    assert len(norm_calls) == 2 * CONFIG.num_hidden_layers + 1
+    # float8 rounding of the activations can flip where the float32 sums differ in their last
+    # bits; a missing or doubled GELU would be off by far more
+    error = (fused - plain).abs().max() / plain.abs().max()
+    assert error < 1e-2, f"relative error {error:.2e}"

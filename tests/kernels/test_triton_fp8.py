@@ -39,3 +39,17 @@ def test_equals_the_reference_bit_for_bit(dtype, rows, k):
 def test_rejects_a_strided_row():
     with pytest.raises(ValueError, match="contiguous"):
         triton_fp8.quantize_rows(torch.randn(4, 64, device=DEVICE)[:, ::2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_on_the_way_in_equals_gelu_then_the_reference(dtype):
+    """The vision tower's fc2 input: gelu_tanh applied inside the quantization kernel gives the
+    float8 values and scales of torch's gelu followed by the reference quantization."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(7)
+    x = (torch.randn(9, 4304, generator=generator) * 3).to(DEVICE, dtype)
+    q, scale = triton_fp8.quantize_rows(x, gelu=True)
+    ref_q, ref_scale = quantize_tokens(F.gelu(x, approximate="tanh"))
+    assert torch.equal(scale, ref_scale.float())
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))

@@ -12,6 +12,8 @@ agree to rounding.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -54,24 +56,52 @@ def fp8_linear(
     weight: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    input_act: str | None = None,
 ) -> torch.Tensor:
     """x: [T, K] (or [..., K]), weight: float8 [N, K], scale: float32 [N, 1] -> [T, N] in x's
-    dtype."""
+    dtype. input_act="gelu_tanh": the layer's input is gelu_tanh(x), rounded to x's dtype (on a
+    GPU applied inside the quantization kernel)."""
+    if input_act not in (None, "gelu_tanh"):
+        raise ValueError(f"unknown input activation {input_act!r}")
     if not uses_scaled_mm(x):
+        if input_act:
+            x = F.gelu(x, approximate="tanh")
         return fp8_linear_ref(x, weight, scale, bias)
     rows = x.reshape(-1, x.shape[-1])
     if runs_on_triton(rows) and rows.stride(-1) == 1:
         from vlm_engine.kernels.triton_fp8 import quantize_rows
 
-        xq, x_scale = quantize_rows(rows)  # one kernel, the same values as quantize_tokens
+        # one kernel, the same values as quantize_tokens
+        xq, x_scale = quantize_rows(rows, gelu=input_act is not None)
     else:
-        xq, x_scale = quantize_tokens(rows)
+        xq, x_scale = quantize_tokens(F.gelu(rows, approximate="tanh") if input_act else rows)
+    fused_bias = bias is not None and _epilogue_takes_bias(x.device)
     out = torch._scaled_mm(
-        xq, weight.t(), scale_a=x_scale.float(), scale_b=scale.t(), out_dtype=x.dtype
-    )
-    if bias is not None:
+        xq, weight.t(), scale_a=x_scale.float(), scale_b=scale.t(),
+        bias=bias if fused_bias else None, out_dtype=x.dtype,
+    )  # fmt: skip
+    if bias is not None and not fused_bias:
         out += bias
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def _epilogue_takes_bias(device: torch.device) -> bool:
+    """Whether this torch's row-wise scaled GEMM adds a bias in its epilogue (and adds it
+    right): tried once per device on a small product."""
+    x = torch.ones(16, 32, device=device, dtype=torch.bfloat16)
+    w = torch.ones(16, 32, device=device, dtype=torch.bfloat16)
+    bias = torch.arange(16, device=device, dtype=torch.bfloat16)
+    xq, x_scale = quantize_tokens(x)
+    wq, w_scale = quantize_weight(w)
+    try:
+        out = torch._scaled_mm(
+            xq, wq.t(), scale_a=x_scale.float(), scale_b=w_scale.t(), bias=bias,
+            out_dtype=torch.bfloat16,
+        )  # fmt: skip
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return bool(torch.equal(out.float(), 32 + bias.float().expand(16, 16)))
 
 
 def fp8_linear_ref(

@@ -22,16 +22,22 @@ _BLOCK = 1024
 
 
 @triton.jit
-def gelu_tanh_mul(gate, up, dtype: tl.constexpr, TANH_FROM_EXP: tl.constexpr):
-    """`gelu_tanh(gate) * up` in float32, rounded to `dtype` after the gelu and after the product."""
-    gate = gate.to(tl.float32)
+def gelu_tanh(x, dtype: tl.constexpr, TANH_FROM_EXP: tl.constexpr):
+    """gelu_tanh(x) computed in float32, rounded to `dtype` (returned as float32)."""
+    x = x.to(tl.float32)
     # 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))), the tanh approximation of GELU
-    inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     if TANH_FROM_EXP:  # noqa: SIM108 (Triton's interpreter, for CPU tests, has no libdevice)
         tanh = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
     else:
         tanh = libdevice.tanh(inner)
-    gelu = (0.5 * gate * (1.0 + tanh)).to(dtype).to(tl.float32)
+    return (0.5 * x * (1.0 + tanh)).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def gelu_tanh_mul(gate, up, dtype: tl.constexpr, TANH_FROM_EXP: tl.constexpr):
+    """`gelu_tanh(gate) * up` in float32, rounded to `dtype` after the gelu and after the product."""
+    gelu = gelu_tanh(gate, dtype, TANH_FROM_EXP)
     return (gelu * up.to(tl.float32)).to(dtype)
 
 

@@ -7,6 +7,10 @@ divides by the row's scale and stores float8. The arithmetic follows `quantize_t
 activation's dtype: the scale is max / 448 rounded to that dtype (the dtype's epsilon for a row
 of zeros), each value divided by it is rounded to that dtype, clamped to +-448, then rounded to
 float8 (nearest, ties to even). So the float8 values and scales are the reference's bit for bit.
+
+With `gelu=True` the kernel quantizes gelu_tanh(x) instead (the input of the vision tower's fc2),
+computed as torch computes it (float32, rounded to the activation dtype): the activation is never
+written out in bf16 and read back.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from vlm_engine.kernels.platform import jit, tl, triton
+from vlm_engine.kernels.triton_activation import gelu_tanh
 from vlm_engine.quant_config import FP8_MAX
 
 _BLOCK = 1024
@@ -30,6 +35,8 @@ def quantize_rows_kernel(
     eps,
     FP8_LIMIT: tl.constexpr,
     BLOCK: tl.constexpr,
+    GELU: tl.constexpr,  # quantize gelu_tanh(x), rounded to x's dtype
+    TANH_FROM_EXP: tl.constexpr,
 ):
     row = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
@@ -38,6 +45,8 @@ def quantize_rows_kernel(
     for k0 in range(0, K, BLOCK):
         cols = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if GELU:
+            x = gelu_tanh(x, dtype, TANH_FROM_EXP)
         peak = tl.maximum(peak, tl.abs(x))
     scale = (tl.max(peak, axis=0) / FP8_LIMIT).to(dtype).to(tl.float32)
     scale = tl.where(scale == 0.0, eps, scale)
@@ -45,14 +54,17 @@ def quantize_rows_kernel(
     for k0 in range(0, K, BLOCK):
         cols = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if GELU:
+            x = gelu_tanh(x, dtype, TANH_FROM_EXP)
         q = (x / scale).to(dtype).to(tl.float32)
         q = tl.minimum(tl.maximum(q, -FP8_LIMIT), FP8_LIMIT)
         tl.store(out_row + cols, q.to(out_ptr.dtype.element_ty), mask=cols < K)
     tl.store(scale_ptr + row, scale)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, K] (last dimension contiguous) -> (float8 [T, K], float32 scales [T, 1])."""
+def quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, K] (last dimension contiguous) -> (float8 [T, K], float32 scales [T, 1]) of x,
+    or with `gelu` of gelu_tanh(x)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError("quantize_rows takes a 2-D tensor contiguous in its last dimension")
     rows, k = x.shape
@@ -62,6 +74,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         block = min(_BLOCK, triton.next_power_of_2(k))
         quantize_rows_kernel[(rows,)](
             x, out, scale, k, x.stride(0), out.stride(0), torch.finfo(x.dtype).eps,
-            FP8_LIMIT=FP8_MAX, BLOCK=block, num_warps=4,
+            FP8_LIMIT=FP8_MAX, BLOCK=block, GELU=gelu,
+            TANH_FROM_EXP=not isinstance(quantize_rows_kernel, triton.runtime.JITFunction),
+            num_warps=4,
         )  # fmt: skip
     return out, scale

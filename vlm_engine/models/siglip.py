@@ -15,8 +15,10 @@ normalized copy for cuBLAS to read. `fuse_projections` builds the folded weights
 fc1 weights: 268 MB for so400m in bf16, kept beside the originals, which the other paths use);
 the switch VLM_ENGINE_VISION_FOLD_NORMS is read at each call.
 
-FP8 layers (a checkpoint that quantizes the tower, models/fp8.py) run as FP8 GEMMs whose outputs
-are added to the stream, and fc1 keeps its norm unfolded.
+FP8 layers (a checkpoint that quantizes the tower, or `quantization="fp8"`; models/fp8.py) run as
+FP8 GEMMs whose outputs are added to the stream; fc1 keeps its norm unfolded, and the GELU
+between fc1 and an FP8 fc2 runs inside fc2's activation quantization (one pass over the
+intermediate activation instead of three).
 """
 
 from __future__ import annotations
@@ -163,6 +165,10 @@ class SiglipEncoderLayer(nn.Module):
         _add_linear_(x, attn.attend(h), attn.out_proj)
         if fold:
             act = norm_linear(x, self.folded_fc1, gelu=True)
+        elif isinstance(mlp.fc2, Fp8Linear):  # the GELU runs in fc2's input quantization
+            h = _norm(x, self.layer_norm2, shift2)
+            _add_linear_(x, mlp.fc1(h), mlp.fc2, input_act="gelu_tanh")
+            return
         else:
             act = mlp.activate(_norm(x, self.layer_norm2, shift2))
         _add_linear_(x, act, mlp.fc2)
@@ -184,12 +190,18 @@ def _norm(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor) -> torch.Ten
     return layer_norm(x, norm.weight, norm.bias, norm.eps, shift)
 
 
-def _add_linear_(x: torch.Tensor, h: torch.Tensor, linear: nn.Module) -> None:
-    # x [..., out] += h [..., in] @ W^T, accumulated by the GEMM (beta = 1), without the bias
+def _add_linear_(
+    x: torch.Tensor, h: torch.Tensor, linear: nn.Module, input_act: str | None = None
+) -> None:
+    # x [..., out] += h [..., in] @ W^T, accumulated by the GEMM (beta = 1), without the bias;
+    # input_act="gelu_tanh" (FP8 layers): the layer's input is gelu_tanh(h)
     rows = h.reshape(-1, h.shape[-1])
     if isinstance(linear, Fp8Linear):  # the FP8 GEMM writes its own output, added after
-        x.view(-1, x.shape[-1]).add_(fp8_linear(rows, linear.weight, linear.weight_scale))
+        out = fp8_linear(rows, linear.weight, linear.weight_scale, input_act=input_act)
+        x.view(-1, x.shape[-1]).add_(out)
         return
+    if input_act is not None:
+        raise ValueError("an input activation is fused into FP8 layers only")
     x.view(-1, x.shape[-1]).addmm_(rows, linear.weight.t())
 
 
