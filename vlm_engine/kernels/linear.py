@@ -57,7 +57,26 @@ def linear(x: torch.Tensor, layer: nn.Module, act: str | None = None) -> torch.T
 
 
 def skinny_config(weight: torch.Tensor, num_rows: int):
+    if weight.dtype == torch.float8_e4m3fn:
+        return _float8_config(*weight.shape, num_rows)
     return _skinny_config(*weight.shape, num_rows)
+
+
+@functools.cache
+def _float8_config(n: int, k: int, num_rows: int):
+    """Tiles for float8 weights: the fastest of `benchmarks/skinny_linear.py --fp8` on an H100
+    at the Gemma3-4B shapes. Half the bytes per weight tile leave the short-K projections (o)
+    and the long-K one (down) at one row on the CUDA-core tiles of bf16; the rest take the
+    tensor-core kernel (float16 products, triton_linear._dot_f16) in 64 x 128 tiles, K split four
+    ways unless N alone gives enough programs (gate/up)."""
+    from vlm_engine.kernels.triton_linear import LinearConfig
+
+    if num_rows == 1 and (k <= 2048 or k >= 8192):
+        return _skinny_config(n, k, num_rows)
+    if num_rows <= 2 and k <= 2048:
+        return LinearConfig(block_n=4, block_k=1024)
+    split = 1 if n >= 8192 else 4
+    return LinearConfig(block_n=64, block_k=128, split_k=split, num_stages=4, use_dot=True)
 
 
 @functools.cache
