@@ -1,6 +1,6 @@
-"""What FP8 costs in accuracy: the engine in float32, bfloat16 and FP8 (`quantization=
-"fp8-decoder"`: the decoder's projections; `"fp8"`: the vision tower's linear layers too) on the
-same trained model, each compared with bfloat16 and float32.
+"""What FP8 costs in accuracy: the engine in float32, bfloat16 and FP8 (`quantization="fp8"`: the
+decoder's projections; `"fp8-all"`: the vision tower's linear layers too) on the same trained
+model, each compared with bfloat16 and float32.
 
 Model: the shipped demo model (trained; its held-out pictures are scored attribute by attribute)
 unless --model names another checkpoint. For each precision:
@@ -37,8 +37,8 @@ from vlm_engine.pipeline import VisionLanguagePipeline  # noqa: E402
 SETTINGS = (
     ("float32", "float32", None),
     ("bfloat16", "bfloat16", None),
-    ("fp8-decoder", "bfloat16", "fp8-decoder"),
     ("fp8", "bfloat16", "fp8"),
+    ("fp8-all", "bfloat16", "fp8-all"),
 )
 
 
@@ -103,8 +103,8 @@ def main() -> None:
           "answers equal | answer prefix kept | held-out all right |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, reference in (("float32", None), ("bfloat16", "float32"),
-                            ("fp8-decoder", "bfloat16"), ("fp8-decoder", "float32"),
-                            ("fp8", "bfloat16"), ("fp8", "float32")):  # fmt: skip
+                            ("fp8", "bfloat16"), ("fp8", "float32"),
+                            ("fp8-all", "bfloat16"), ("fp8-all", "float32")):  # fmt: skip
         logits, tokens, score = results[name]
         held = f"{score.all_correct_rate:.1%}" if score else "-"
         if reference is None:

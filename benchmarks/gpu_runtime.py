@@ -9,12 +9,11 @@ transformers measured in the same run:
 
     python benchmarks/gpu_runtime.py [--only a,b,c,d] [--num-images 256] [--output-len 128]
                                      [--core-process both|own|in] [--vision-batch 32]
-                                     [--quantization none,fp8-decoder,fp8]
+                                     [--quantization none,fp8,fp8-all]
 
 --quantization runs the engine once per setting listed (none: bf16; fp8: the decoder's
-projections and the vision tower's linear layers quantized at load; fp8-decoder: the decoder's
-only), transformers (bf16) measured once beside them; the floor of (b) is then each setting's
-own weight bytes.
+projections quantized at load; fp8-all: the vision tower's linear layers too), transformers
+(bf16) measured once beside them; the floor of (b) is then each setting's own weight bytes.
 
 (a) and (b) run with the engine core in its own process (the default on a GPU) and in-process;
 (c) and (d) read the in-process engine's internals.

@@ -412,8 +412,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=QUANTIZATIONS,
         default=None,
-        help="fp8: quantize the decoder's projections and the vision tower's linear layers to "
-        "FP8 at load; fp8-decoder: the decoder's only (FP8 checkpoints are FP8 already)",
+        help="fp8: quantize the decoder's projections to FP8 at load; fp8-all: the vision tower's "
+        "linear layers too (FP8 checkpoints are FP8 already)",
     )
 
 

@@ -23,8 +23,8 @@ class EngineConfig:
     use_cuda_graphs: bool = True  # replay decode-only steps from CUDA graphs (GPU only)
     async_scheduling: bool | None = None  # schedule a step while the previous runs; None: GPU
     load_format: str = "safetensors"  # or "dummy": random weights of the checkpoint's shapes
-    # "fp8": the decoder's projections and the vision tower's linear layers quantized at load
-    # time; "fp8-decoder": the decoder's only (quant_config.QUANTIZATIONS)
+    # "fp8": the decoder's projections quantized at load time; "fp8-all": the vision tower's
+    # linear layers too (quant_config.QUANTIZATIONS)
     quantization: str | None = None
     enable_prefix_caching: bool = True
     encoder_cache_size: int = 16384  # image embeddings kept on the device (256 per Gemma3 image)

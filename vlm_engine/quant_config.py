@@ -22,10 +22,10 @@ from typing import Any
 from vlm_engine.errors import ConfigError
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-# What Engine(quantization=...) takes: "fp8" quantizes the decoder's projections and the vision
-# tower's linear layers at load time, "fp8-decoder" the decoder's only (the layout of published
-# Gemma3 FP8-dynamic checkpoints).
-QUANTIZATIONS = ("fp8", "fp8-decoder")
+# What Engine(quantization=...) takes: "fp8" quantizes the decoder's projections at load time (the
+# layout of published Gemma3 FP8-dynamic checkpoints), "fp8-all" the vision tower's linear layers
+# too (which, measured on an H100, does not make the tower faster: docs/performance.md).
+QUANTIZATIONS = ("fp8", "fp8-all")
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def describe_scheme(group: dict[str, Any]) -> str:
 
 def online_fp8_config(quantization: str, model_is_multimodal: bool) -> Fp8Config:
     """An online quantization (QUANTIZATIONS) of a bf16 checkpoint: the decoder's projections
-    and, with "fp8", the vision tower's linear layers. The LM head (tied to the embedding in
+    and, with "fp8-all", the vision tower's linear layers. The LM head (tied to the embedding in
     Gemma3), the projector and the tower's patch embedding stay as they are."""
     if quantization not in QUANTIZATIONS:
         raise ConfigError(
@@ -146,6 +146,6 @@ def online_fp8_config(quantization: str, model_is_multimodal: bool) -> Fp8Config
     ignore = ("re:.*lm_head",)
     if model_is_multimodal:
         ignore += ("re:.*multi_modal_projector.*",)
-        if quantization == "fp8-decoder":
+        if quantization == "fp8":
             ignore += ("re:.*vision_tower.*",)
     return Fp8Config(("Linear",), ignore)

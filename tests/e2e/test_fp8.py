@@ -154,14 +154,12 @@ def fp8_vision_dir(source, tmp_path_factory):
     return write_fp8_checkpoint(source, tmp_path_factory.mktemp("fp8v"), quantize_vision=True)
 
 
-@pytest.mark.parametrize("quantization", ["fp8-decoder", "fp8"])
+@pytest.mark.parametrize("quantization", ["fp8", "fp8-all"])
 def test_online_fp8_is_the_checkpoint_the_library_writes(quantization, source, request):
-    """quantization="fp8-decoder" on the unquantized checkpoint: the same float8 weights and
+    """quantization="fp8" on the unquantized checkpoint: the same float8 weights and
     scales as compressed-tensors wrote for the decoder (the published layout), hence the same
-    logits; "fp8": the same with the vision tower's linear layers quantized too."""
-    written = request.getfixturevalue(
-        "fp8_dir" if quantization == "fp8-decoder" else "fp8_vision_dir"
-    )
+    logits; "fp8-all": the same with the vision tower's linear layers quantized too."""
+    written = request.getfixturevalue("fp8_dir" if quantization == "fp8" else "fp8_vision_dir")
     ours = VisionLanguagePipeline.load(written, dtype="float32", device=DEVICE)
     online = VisionLanguagePipeline.load(
         source, dtype="float32", device=DEVICE, quantization=quantization
@@ -172,7 +170,7 @@ def test_online_fp8_is_the_checkpoint_the_library_writes(quantization, source, r
     ):
         assert a.dtype == b.dtype and torch.equal(a.cpu().float(), b.cpu().float()), name
         float8 += a.dtype == torch.float8_e4m3fn and name.startswith("vision_tower.")
-    assert (float8 > 0) == (quantization == "fp8")
+    assert (float8 > 0) == (quantization == "fp8-all")
     text, sizes = CASES["two_images"]
     images = [random_image(*size) for size in sizes]
     assert torch.equal(logits_of(online, text, images), logits_of(ours, text, images))

@@ -167,7 +167,7 @@ def test_layers_keep_autograd_where_gradients_are_wanted(norm_calls, monkeypatch
 
 
 def test_fp8_layers_on_the_fused_path_match_the_plain_layers(norm_calls, monkeypatch):
-    """Every linear layer of the tower in FP8 (quantization="fp8"): the fused path adds the FP8
+    """Every linear layer of the tower in FP8 (quantization="fp8-all"): the fused path adds the FP8
     GEMMs' outputs to the stream and applies fc2's GELU inside its input quantization."""
     from vlm_engine.models.fp8 import Fp8Linear, quantize_layers
 

@@ -109,7 +109,7 @@ def test_other_quantization_configs_are_refused(change, message):
 
 
 def test_online_fp8_decoder_leaves_the_vision_tower_and_head_alone():
-    config = online_fp8_config("fp8-decoder", model_is_multimodal=True)
+    config = online_fp8_config("fp8", model_is_multimodal=True)
     assert config.quantizes("language_model.layers.0.mlp.gate_proj")
     assert not config.quantizes("vision_tower.encoder.layers.0.mlp.fc1")
     assert not config.quantizes("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1")
@@ -118,7 +118,7 @@ def test_online_fp8_decoder_leaves_the_vision_tower_and_head_alone():
 
 
 def test_online_fp8_takes_the_vision_towers_linear_layers_too():
-    config = online_fp8_config("fp8", model_is_multimodal=True)
+    config = online_fp8_config("fp8-all", model_is_multimodal=True)
     assert config.quantizes("language_model.layers.0.self_attn.q_proj")
     assert config.quantizes("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1")
     assert config.quantizes("model.vision_tower.vision_model.encoder.layers.3.self_attn.out_proj")

@@ -70,7 +70,7 @@ def load_model(
     """`load_format="dummy"` fills the weights with seeded random values on the device instead
     of reading files: for benchmarks of real model shapes without their weights (an FP8
     checkpoint's layers are quantized from them). `quantization` ("fp8": the decoder's
-    projections and the vision tower's linear layers, "fp8-decoder": the decoder's only):
+    projections, "fp8-all": the vision tower's linear layers too):
     quantize them at load time (an FP8 checkpoint's layers are FP8 already)."""
     checkpoint_dir = Path(checkpoint_dir or config.checkpoint_dir)
     device, dtype = torch.device(device), resolve_dtype(dtype, config)

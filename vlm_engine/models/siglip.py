@@ -15,7 +15,7 @@ normalized copy for cuBLAS to read. `fuse_projections` builds the folded weights
 fc1 weights: 268 MB for so400m in bf16, kept beside the originals, which the other paths use);
 the switch VLM_ENGINE_VISION_FOLD_NORMS is read at each call.
 
-FP8 layers (a checkpoint that quantizes the tower, or `quantization="fp8"`; models/fp8.py) run as
+FP8 layers (a checkpoint that quantizes the tower, or `quantization="fp8-all"`; models/fp8.py) run as
 FP8 GEMMs whose outputs are added to the stream; fc1 keeps its norm unfolded, and the GELU
 between fc1 and an FP8 fc2 runs inside fc2's activation quantization (one pass over the
 intermediate activation instead of three).

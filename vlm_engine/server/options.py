@@ -101,8 +101,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     engine.add_argument(
         "--quantization", choices=QUANTIZATIONS, default=None,
-        help="fp8: quantize the decoder's projections and the vision tower's linear layers to "
-        "FP8 at load; fp8-decoder: the decoder's only (an FP8 checkpoint is FP8 already)",
+        help="fp8: quantize the decoder's projections to FP8 at load; fp8-all: the vision tower's "
+        "linear layers too (an FP8 checkpoint is FP8 already)",
     )  # fmt: skip
     ints = {
         "max_num_seqs": "most requests running at once (default: 64)",
