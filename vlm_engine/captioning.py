@@ -65,6 +65,9 @@ class CaptionSummary:
     # Share of the engines' time, from their first request to their last answer, with no request
     # to work on (distributed): how well the replicas are fed, not the GPU's own stalls.
     engine_idle_share: float | None = None
+    # Images the vision tower encoded (distributed; the rest came from a cache or connector).
+    num_images_encoded: int | None = None
+    replica_idle_shares: tuple[float, ...] = ()  # engine_idle_share of each replica
 
     @property
     def images_per_second(self) -> float:

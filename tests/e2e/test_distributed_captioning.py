@@ -84,6 +84,9 @@ def test_every_path_once_duplicates_captioned_once(cluster, pictures, tmp_path):
     assert summary.num_captioned == NUM_PICTURES + 8
     # the engines took each distinct decodable picture once (bad files are rejected unqueued)
     assert summary.num_engine_requests == NUM_PICTURES
+    assert summary.num_images_encoded == NUM_PICTURES  # the vision tower ran once per picture
+    assert len(summary.replica_idle_shares) == 2
+    assert all(0 <= share <= 1 for share in summary.replica_idle_shares)
     local = tmp_path / "local.jsonl"
     caption_sources([root], local)
     assert {r["path"]: r["error"] for r in read_rows(local)} == {
@@ -92,6 +95,19 @@ def test_every_path_once_duplicates_captioned_once(cluster, pictures, tmp_path):
     again = caption_dataset([root], output, replicas=2)
     assert again.num_skipped == len(scenes) and again.num_captioned == 0
     assert len(read_rows(output)) == len(scenes)
+
+
+def test_replicas_share_image_encodings_through_a_connector(cluster, pictures, tmp_path):
+    """Two jobs over the same pictures with one disk connector shared by all replicas: the
+    second job's replicas (new engines, empty encoder caches) load every encoding instead of
+    running the vision tower."""
+    root, scenes = pictures
+    options = {"ec_connector": f"disk:{tmp_path / 'encodings'}"}
+    first = caption_dataset([root], tmp_path / "first.jsonl", replicas=2, engine_options=options)
+    assert first.num_images_encoded == NUM_PICTURES
+    second = caption_dataset([root], tmp_path / "second.jsonl", replicas=2, engine_options=options)
+    assert second.num_images_encoded == 0
+    check_rows(read_rows(tmp_path / "second.jsonl"), scenes)
 
 
 def test_a_dataset_of_bytes_returns_rows(cluster, pictures):

@@ -124,6 +124,10 @@ def caption_dataset(
         engine_idle_share=sum(e["idle_s"] for e in pipeline.engines.values()) / span
         if span
         else None,
+        num_images_encoded=int(sum(e["encoded"] for e in pipeline.engines.values())),
+        replica_idle_shares=tuple(
+            e["idle_s"] / e["span_s"] for e in pipeline.engines.values() if e["span_s"]
+        ),
     )
     return summary if file is not None else writer.rows
 
@@ -225,7 +229,8 @@ class _Pipeline:
         try:
             for row in captioned.iter_rows():
                 if row["replica"]:
-                    counts = {k: row[k] for k in ("requests", "idle_s", "span_s", "ready_at")}
+                    keys = ("requests", "encoded", "idle_s", "span_s", "ready_at")
+                    counts = {k: row[k] for k in keys}
                     self.engines[row["replica"]] = counts
                     ready = min(ready or row["ready_at"], row["ready_at"])
                 yield row
@@ -286,6 +291,7 @@ class CaptionReplica:
             "error": errors,
             "replica": [self.name] * count,
             "requests": [stats["requests"]["requests"]] * count,
+            "encoded": [stats["vision_encoder"]["items_encoded"]] * count,
             "idle_s": [self.idle_s] * count,
             "span_s": [time.perf_counter() - self.first if self.first else 0.0] * count,
             "ready_at": [self.ready_at] * count,
