@@ -67,7 +67,8 @@ class CaptionSummary:
     engine_idle_share: float | None = None
     # Images the vision tower encoded (distributed; the rest came from a cache or connector).
     num_images_encoded: int | None = None
-    replica_idle_shares: tuple[float, ...] = ()  # engine_idle_share of each replica
+    # engine_idle_share of each replica that took a request (distributed)
+    replica_idle_shares: tuple[float, ...] = ()
 
     @property
     def images_per_second(self) -> float:

@@ -85,7 +85,8 @@ def test_every_path_once_duplicates_captioned_once(cluster, pictures, tmp_path):
     # the engines took each distinct decodable picture once (bad files are rejected unqueued)
     assert summary.num_engine_requests == NUM_PICTURES
     assert summary.num_images_encoded == NUM_PICTURES  # the vision tower ran once per picture
-    assert len(summary.replica_idle_shares) == 2
+    # one share per replica that took a request (both, unless one got every batch)
+    assert 1 <= len(summary.replica_idle_shares) <= 2
     assert all(0 <= share <= 1 for share in summary.replica_idle_shares)
     local = tmp_path / "local.jsonl"
     caption_sources([root], local)
