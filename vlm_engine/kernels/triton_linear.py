@@ -259,7 +259,8 @@ def skinny_linear_dot_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < k_end
-        x = tl.load(x_rows + ks[None, :], mask=(rows < num_rows)[:, None] & k_mask[None, :])
+        x_mask = (rows < num_rows)[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0)  # zeros: _dot_f16's row max
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         if F16_DOT:
             acc = _dot_f16(x, w, acc)
