@@ -63,18 +63,18 @@ def fp8_linear(
     GPU applied inside the quantization kernel)."""
     if input_act not in (None, "gelu_tanh"):
         raise ValueError(f"unknown input activation {input_act!r}")
-    if not uses_scaled_mm(x):
-        if input_act:
-            x = F.gelu(x, approximate="tanh")
-        return fp8_linear_ref(x, weight, scale, bias)
     rows = x.reshape(-1, x.shape[-1])
-    if runs_on_triton(rows) and rows.stride(-1) == 1:
+    if uses_scaled_mm(x) and runs_on_triton(rows) and rows.stride(-1) == 1:
         from vlm_engine.kernels.triton_fp8 import quantize_rows
 
-        # one kernel, the same values as quantize_tokens
+        # one kernel, the same values as quantize_tokens of the activated rows
         xq, x_scale = quantize_rows(rows, gelu=input_act is not None)
     else:
-        xq, x_scale = quantize_tokens(F.gelu(rows, approximate="tanh") if input_act else rows)
+        if input_act:
+            rows = F.gelu(rows, approximate="tanh")
+        if not uses_scaled_mm(x):
+            return fp8_linear_ref(rows, weight, scale, bias).view(*x.shape[:-1], weight.shape[0])
+        xq, x_scale = quantize_tokens(rows)
     fused_bias = bias is not None and _epilogue_takes_bias(x.device)
     out = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale.float(), scale_b=scale.t(),

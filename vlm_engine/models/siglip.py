@@ -15,9 +15,9 @@ normalized copy for cuBLAS to read. `fuse_projections` builds the folded weights
 fc1 weights: 268 MB for so400m in bf16, kept beside the originals, which the other paths use);
 the switch VLM_ENGINE_VISION_FOLD_NORMS is read at each call.
 
-FP8 layers (a checkpoint that quantizes the tower, or `quantization="fp8-all"`; models/fp8.py) run as
-FP8 GEMMs whose outputs are added to the stream; fc1 keeps its norm unfolded, and the GELU
-between fc1 and an FP8 fc2 runs inside fc2's activation quantization (one pass over the
+FP8 layers (a checkpoint that quantizes the tower, or `quantization="fp8-all"`; models/fp8.py)
+run as FP8 GEMMs whose outputs are added to the stream; fc1 keeps its norm unfolded, and the
+GELU between fc1 and an FP8 fc2 runs inside fc2's activation quantization (one pass over the
 intermediate activation instead of three).
 """
 
@@ -164,14 +164,12 @@ class SiglipEncoderLayer(nn.Module):
         h = _norm(x, self.layer_norm1, shift1)
         _add_linear_(x, attn.attend(h), attn.out_proj)
         if fold:
-            act = norm_linear(x, self.folded_fc1, gelu=True)
+            _add_linear_(x, norm_linear(x, self.folded_fc1, gelu=True), mlp.fc2)
         elif isinstance(mlp.fc2, Fp8Linear):  # the GELU runs in fc2's input quantization
-            h = _norm(x, self.layer_norm2, shift2)
-            _add_linear_(x, mlp.fc1(h), mlp.fc2, input_act="gelu_tanh")
-            return
+            h = mlp.fc1(_norm(x, self.layer_norm2, shift2))
+            _add_linear_(x, h, mlp.fc2, input_act="gelu_tanh")
         else:
-            act = mlp.activate(_norm(x, self.layer_norm2, shift2))
-        _add_linear_(x, act, mlp.fc2)
+            _add_linear_(x, mlp.activate(_norm(x, self.layer_norm2, shift2)), mlp.fc2)
 
 
 def _fuses_residual(x: torch.Tensor) -> bool:
