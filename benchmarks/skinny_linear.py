@@ -163,14 +163,16 @@ def _fp8_rows(name: str, rows: int, bf16: list, quantized: list) -> None:
         for w, scale in quantized:
             skinny_linear(x, w, act, config, scale)
 
-    def row(variant, fn):
-        us = graph_ms(fn) / LAYERS * 1e3
+    def row(variant, us):
         print(f"| {name} | {rows} | {variant} | {us:.2f} | {n * k / us / 1e3:.0f} |", flush=True)
 
-    row("bf16 weights, the engine's kernel", run_bf16)
-    row("FP8 GEMM (cuBLASLt)", run_scaled_mm)
+    def us_per_layer(fn):
+        return graph_ms(fn) / LAYERS * 1e3
+
+    row("bf16 weights, the engine's kernel", us_per_layer(run_bf16))
+    row("FP8 GEMM (cuBLASLt)", us_per_layer(run_scaled_mm))
     picked = skinny_config(quantized[0][0], rows)
-    row(f"float8, the engine's: {_describe(picked)}", lambda: run(picked))
+    row(f"float8, the engine's: {_describe(picked)}", us_per_layer(lambda: run(picked)))
     grid = FP8_TILES_DOT + (FP8_TILES_CUDA_CORE if rows <= 2 else [])
     timed = []
     for config in grid:
@@ -179,12 +181,11 @@ def _fp8_rows(name: str, rows: int, bf16: list, quantized: list) -> None:
         if act == "gelu_mul" and config.block_n % (2 * GATE_UP_GROUP):
             continue
         try:
-            timed.append((graph_ms(lambda c=config: run(c)), config))
+            timed.append((us_per_layer(lambda c=config: run(c)), config))
         except Exception as error:  # a tile too large for the SM's shared memory
             print(f"| {name} | {rows} | {_describe(config)} | failed: {type(error).__name__} | |")
-    for ms, config in sorted(timed, key=lambda t: t[0])[:5]:
-        us = ms / LAYERS * 1e3
-        print(f"| {name} | {rows} | {_describe(config)} | {us:.2f} | {n * k / us / 1e3:.0f} |")
+    for us, config in sorted(timed, key=lambda t: t[0])[:5]:
+        row(_describe(config), us)
 
 
 def _describe(config: LinearConfig) -> str:
