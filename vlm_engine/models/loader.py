@@ -7,8 +7,8 @@ that names them.
 
 FP8 (models/fp8.py): a checkpoint whose config declares FP8 dynamic (compressed-tensors) gets
 `Fp8Linear` layers where the config says, filled with its float8 weights and their scales as
-stored; `quantization="fp8"` quantizes a bf16 checkpoint's decoder projections as each weight is
-read, in the dtype it is stored in.
+stored; `quantization="fp8"` (or "fp8-all") quantizes a bf16 checkpoint's layers as each weight
+is read, in the dtype it is stored in.
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def load_model(
 ) -> Gemma3Model:
     """`load_format="dummy"` fills the weights with seeded random values on the device instead
     of reading files: for benchmarks of real model shapes without their weights (an FP8
-    checkpoint's layers are quantized from them). `quantization` ("fp8": the decoder's
-    projections, "fp8-all": the vision tower's linear layers too):
-    quantize them at load time (an FP8 checkpoint's layers are FP8 already)."""
+    checkpoint's layers are quantized from them). `quantization` quantizes at load time the
+    decoder's projections ("fp8") or those and the vision tower's linear layers ("fp8-all");
+    an FP8 checkpoint's layers are FP8 already."""
     checkpoint_dir = Path(checkpoint_dir or config.checkpoint_dir)
     device, dtype = torch.device(device), resolve_dtype(dtype, config)
     with torch.device("meta"):
