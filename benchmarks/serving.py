@@ -91,7 +91,7 @@ def chat_messages(job: Job) -> list[dict]:
     parts = [
         {
             "type": "image_url",
-            "image_url": {"url": "data:image/png;base64," + base64.b64encode(i).decode()},
+            "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(i).decode()},
         }
         for i in job.images
     ]
