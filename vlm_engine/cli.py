@@ -12,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+from vlm_engine.caption_file import CaptionFileError
 from vlm_engine.captioning import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_TOKENS,
-    CaptionFileError,
     caption_sources,
     find_images,
 )

@@ -14,13 +14,8 @@ from pathlib import Path
 import pytest
 
 from vlm_engine import Engine, SamplingParams
-from vlm_engine.captioning import (
-    DEFAULT_MAX_TOKENS,
-    CaptionFile,
-    CaptionFileError,
-    caption_images,
-    find_images,
-)
+from vlm_engine.caption_file import CaptionFile, CaptionFileError
+from vlm_engine.captioning import DEFAULT_MAX_TOKENS, caption_images, find_images
 from vlm_engine.cli import main
 from vlm_engine.demo import (
     DEMO_JSON_MAX_TOKENS,

@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 from blake3 import blake3
 
+from vlm_engine.caption_file import CaptionFile
 from vlm_engine.captioning import (
     DEFAULT_MAX_TOKENS,
     INCOMPLETE,
-    CaptionFile,
     CaptionSummary,
     error_row,
     find_images,
