@@ -12,7 +12,6 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +25,14 @@ from vlm_engine.outputs import CompletionOutput, RequestOutput
 from vlm_engine.sampling_params import SamplingParams
 from vlm_engine.server import protocol as p
 from vlm_engine.server import translate
+from vlm_engine.server.chunks import (
+    CHUNK_TAIL,
+    DONE,
+    chat_choice,
+    chat_choice_json,
+    chat_chunk_head,
+    sse,
+)
 from vlm_engine.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -227,61 +234,6 @@ def merge_deltas(first: RequestOutput, later: RequestOutput) -> RequestOutput:
     )  # fmt: skip
 
 
-def sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-DONE = "data: [DONE]\n\n"
-
-
-def _chat_choice(
-    index: int,
-    content: str,
-    logprobs: dict | None = None,
-    finish_reason: str | None = None,
-    role: str | None = None,
-) -> dict:
-    """A `ChatChunkChoice` as its dump."""
-    return {
-        "index": index, "delta": {"role": role, "content": content}, "logprobs": logprobs,
-        "finish_reason": finish_reason,
-    }  # fmt: skip
-
-
-# The chunks of a chat stream are formatted directly, one per delta: exactly `sse()` of the
-# `_chunk()` dump (same keys, order and separators), without building and encoding the dicts.
-CHUNK_TAIL = '],"usage":null}\n\n'
-
-
-def chat_chunk_head(response_id: str, created: int, model: str) -> str:
-    """A chat chunk's event up to its choices."""
-    return (
-        f'data: {{"id":{_json(response_id)},"object":"chat.completion.chunk",'
-        f'"created":{created},"model":{_json(model)},"choices":['
-    )
-
-
-def chat_choice_json(
-    index: int, content: str, logprobs: dict | None, finish_reason: str | None
-) -> str:
-    """`_chat_choice(index, content, logprobs, finish_reason)` as compact JSON."""
-    return (
-        f'{{"index":{index},"delta":{{"role":null,"content":{_json(content)}}},'
-        f'"logprobs":{_json(logprobs)},"finish_reason":{_json(finish_reason)}}}'
-    )
-
-
-def _json(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return _encode_string(value)
-    return json.dumps(value, separators=(",", ":"))
-
-
-_encode_string = json.encoder.encode_basestring_ascii  # what json.dumps does with a str
-
-
 class ChatStream(RequestRun):
     endpoint = "chat"
     id_prefix = "chatcmpl"
@@ -334,7 +286,7 @@ class ChatStream(RequestRun):
         }  # fmt: skip
 
     async def events(self) -> AsyncIterator[str]:
-        roles = [_chat_choice(i, "", role="assistant") for i in range(self.n)]
+        roles = [chat_choice(i, "", role="assistant") for i in range(self.n)]
         yield sse(self._chunk(roles))
         head = chat_chunk_head(self.id, self.created, self.config.model_name)
         last: RequestOutput | None = None
