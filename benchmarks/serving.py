@@ -14,7 +14,10 @@ the streams with the official client never becomes the bottleneck being measured
 
 Prints one row per rate and path: completed requests/s, output tokens/s, time to first token and
 inter-token latency p50/p99, then the server's overhead against the engine (throughput and
-p50 time to first token).
+p50 time to first token), and where the server's time to first token goes: the mean at its
+clients, the mean inside the server (the engine's arrival to the first token on the server's
+event loop, from `/metrics`; the rest is HTTP, the request's parsing and the clients), and the
+mean through `AsyncEngine`.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
@@ -103,10 +108,13 @@ def engine_messages(job: Job) -> dict:
     return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": job.text}]}]}
 
 
-def run_server(url: str, args: argparse.Namespace, rate: float) -> tuple[float, list[Timing]]:
+def run_server(
+    url: str, args: argparse.Namespace, rate: float
+) -> tuple[float, list[Timing], float]:
     """The rate's jobs through the server, dealt round-robin to client processes. Each builds
     its jobs, then waits until all are ready; they start together at one moment of the shared
-    monotonic clock."""
+    monotonic clock. Also returns the server's own mean time to first token (ms) over these
+    jobs, from its `/metrics`."""
     parts = args.client_processes
     context = multiprocessing.get_context("spawn")
     ready, go = context.Barrier(parts + 1), context.Event()
@@ -120,12 +128,28 @@ def run_server(url: str, args: argparse.Namespace, rate: float) -> tuple[float, 
     for worker in workers:
         worker.start()
     ready.wait(timeout=300)
+    seconds, count = server_ttft(url)  # the clients' warm-up requests are done
     start.value = t0 = time.perf_counter() + 0.5
     go.set()
     timings = [t for _ in workers for t in results.get(timeout=1800)]
     for worker in workers:
         worker.join()
-    return max(t.end for t in timings) - t0, timings
+    seconds_after, count_after = server_ttft(url)
+    own = (seconds_after - seconds) / max(count_after - count, 1) * 1e3
+    return max(t.end for t in timings) - t0, timings, own
+
+
+def server_ttft(url: str) -> tuple[float, float]:
+    """The server's time-to-first-token histogram so far: (sum of seconds, count). It runs
+    from a request's arrival at the engine to its first token on the server's event loop."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "vlm_time_to_first_token_seconds":
+            values = {s.name: s.value for s in family.samples}
+    return values["vlm_time_to_first_token_seconds_sum"], values[
+        "vlm_time_to_first_token_seconds_count"
+    ]
 
 
 def client_process(url, args, rate, part, ready, go, start, results) -> None:
@@ -202,6 +226,7 @@ def summary(elapsed: float, timings: list[Timing], jobs: list[Job]) -> dict[str,
         "requests_s": len(jobs) / elapsed,
         "tokens_s": tokens / elapsed,
         "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
+        "ttft_mean": statistics.mean(ttft),
         "text_ttft_p50": _pct(text_ttft, 50),
         "itl_p50": _pct(gaps, 50), "itl_p99": _pct(gaps, 99),
     }  # fmt: skip
@@ -254,7 +279,10 @@ def main() -> None:
         }
         warm = make_jobs(8, 100.0, seed=12345, max_output=16)  # the server's first requests
         asyncio.run(_serve_jobs(server.url, warm, time.perf_counter()))
-        served = {r: summary(*run_server(server.url, args, r), jobs_by_rate[r]) for r in rates}
+        served, own_ttft = {}, {}
+        for rate in rates:
+            elapsed, timings, own_ttft[rate] = run_server(server.url, args, rate)
+            served[rate] = summary(elapsed, timings, jobs_by_rate[rate])
         server.stop()
         engine = AsyncEngine(path, **engine_options)
         direct = {}
@@ -287,6 +315,17 @@ def main() -> None:
         extra = served[rate]["ttft_p50"] - direct[rate]["ttft_p50"]
         text = served[rate]["text_ttft_p50"] - direct[rate]["text_ttft_p50"]
         print(f"| {rate:g} | {-loss * 100:+.1f}% | {extra:+.1f} | {text:+.1f} |")
+    print(
+        "\nMean time to first token (ms): at the server's clients; inside the server (arrival at "
+        "the engine to the first token on its event loop, from /metrics); through AsyncEngine"
+    )
+    print("| rate req/s | server's clients | inside the server | AsyncEngine |")
+    print("|---:|---:|---:|---:|")
+    for rate in rates:
+        print(
+            f"| {rate:g} | {served[rate]['ttft_mean']:.1f} | {own_ttft[rate]:.1f} | "
+            f"{direct[rate]['ttft_mean']:.1f} |"
+        )
 
 
 if __name__ == "__main__":
