@@ -8,7 +8,6 @@ import ipaddress
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from vlm_engine.demo.model import DEMO_PROMPT, default_model_path, demo_request
+from vlm_engine.testing.server_process import free_port
 
 pytest.importorskip("gradio", reason="the app needs the `app` extra (gradio)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright")
@@ -73,7 +73,7 @@ def test_stats_markdown_lists_every_cache_layer():
 def server(tmp_path_factory):
     """The shipped script on a free port, default host; its process group is killed after."""
     tmp = tmp_path_factory.mktemp("webapp")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio")}
     log = tmp / "server.log"
     with log.open("wb") as out:
@@ -244,12 +244,6 @@ def _read_stats(page) -> dict:
 def _wait_for_stats(page, counts: str) -> dict:
     sync_api.expect(page.locator("#stats")).to_contain_text(counts, timeout=ANSWER_MS)
     return _read_stats(page)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:

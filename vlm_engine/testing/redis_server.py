@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from vlm_engine.testing.server_process import free_port
+
 _STARTUP_TIMEOUT_S = 10.0
 
 
@@ -61,12 +63,6 @@ class RedisServer:
             self._process.kill()
             self._process.wait()
         self._process = None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers_ping(port: int) -> bool:
