@@ -49,11 +49,17 @@ def triton_available(device: torch.device | str | None = None, kernel: object = 
     twin, which runs on the CPU (the kernel tests under TRITON_INTERPRET)."""
     if triton is None:
         return False
-    if kernel is not None and not isinstance(kernel, triton.runtime.JITFunction):
+    if kernel is not None and interpreted(kernel):
         return True
     if device is None:
         return torch.cuda.is_available()
     return torch.device(device).type == "cuda"
+
+
+def interpreted(kernel: object) -> bool:
+    """Whether `kernel` is the interpreter twin of a Triton kernel (TRITON_INTERPRET, the CPU
+    tests), which lacks libdevice and compiled-only paths, rather than the compiled kernel."""
+    return not isinstance(kernel, triton.runtime.JITFunction)
 
 
 def runs_on_triton(x: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from triton.language.extra import libdevice
 
 from vlm_engine.kernels.gate_up import GATE_UP_GROUP
 from vlm_engine.kernels.pdl import pdl_options, pdl_wait
+from vlm_engine.kernels.platform import interpreted
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 1024
@@ -92,7 +93,7 @@ def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         out.stride(0),
         BLOCK=_BLOCK,
         GROUP=GATE_UP_GROUP,
-        TANH_FROM_EXP=not isinstance(gelu_and_mul_kernel, triton.runtime.JITFunction),
+        TANH_FROM_EXP=interpreted(gelu_and_mul_kernel),
         **pdl_options(gate_up.device),
         num_warps=4,
         enable_fp_fusion=False,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from vlm_engine.kernels.platform import jit, tl, triton
+from vlm_engine.kernels.platform import interpreted, jit, tl, triton
 from vlm_engine.kernels.triton_activation import gelu_tanh
 from vlm_engine.quant_config import FP8_MAX
 
@@ -102,7 +102,7 @@ def quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, to
         quantize_rows_kernel[(rows,)](
             x, out, scale, k, x.stride(0), out.stride(0), torch.finfo(x.dtype).eps,
             FP8_LIMIT=FP8_MAX, BLOCK=block, WHOLE_ROW=whole, GELU=gelu,
-            TANH_FROM_EXP=not isinstance(quantize_rows_kernel, triton.runtime.JITFunction),
+            TANH_FROM_EXP=interpreted(quantize_rows_kernel),
             num_warps=max(4, min(16, block // 512)),
         )  # fmt: skip
     return out, scale

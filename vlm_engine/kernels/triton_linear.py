@@ -32,7 +32,7 @@ import torch
 from vlm_engine.kernels.arrival import COUNTER_SLOTS, arrive_last, counter_buffer, reset
 from vlm_engine.kernels.gate_up import GATE_UP_GROUP
 from vlm_engine.kernels.pdl import pdl_options, pdl_wait
-from vlm_engine.kernels.platform import jit, tl, triton
+from vlm_engine.kernels.platform import interpreted, jit, tl, triton
 from vlm_engine.kernels.triton_activation import gelu_tanh_mul
 
 MAX_ROWS = 16  # rows of x the tensor-core kernel takes (the CUDA-core one: 2)
@@ -273,10 +273,6 @@ def skinny_linear_dot_kernel(
     )  # fmt: skip
 
 
-def is_interpreted() -> bool:
-    return not isinstance(skinny_linear_kernel, triton.runtime.JITFunction)
-
-
 def skinny_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -320,7 +316,7 @@ def skinny_linear(
         if split_k > 1
         else out
     )
-    interpreted = is_interpreted()
+    in_interpreter = interpreted(skinny_linear_kernel)
     kernel, extra = skinny_linear_kernel, {}
     if cfg.use_dot:
         kernel = skinny_linear_dot_kernel
@@ -330,7 +326,7 @@ def skinny_linear(
         x, weight, scale if scale is not None else weight, out, partials, counter_buffer(x.device),
         num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_T=block_t, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
-        ACT_GELU_MUL=act == "gelu_mul", ACT_GROUP=GATE_UP_GROUP, TANH_FROM_EXP=interpreted,
+        ACT_GELU_MUL=act == "gelu_mul", ACT_GROUP=GATE_UP_GROUP, TANH_FROM_EXP=in_interpreter,
         HAS_SCALE=scale is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
         **extra, **pdl_options(x.device),
     )  # fmt: skip

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlm_engine.kernels.platform import num_sms
+from vlm_engine.kernels.platform import interpreted, num_sms
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -161,12 +161,12 @@ def norm_linear(
     out = torch.empty(num_rows, out_dim, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    interpreted = not isinstance(norm_linear_kernel, triton.runtime.JITFunction)
-    small = interpreted or x.dtype == torch.float32
+    in_interpreter = interpreted(norm_linear_kernel)
+    small = in_interpreter or x.dtype == torch.float32
     cfg = config or (SMALL_CONFIG if small else NormLinearConfig())
     num_tiles = triton.cdiv(num_rows, cfg.block_m) * triton.cdiv(out_dim, cfg.block_n)
     # the interpreter: a few persistent programs, each taking several tiles
-    sms = 4 if interpreted else num_sms(x.device.index or 0)
+    sms = 4 if in_interpreter else num_sms(x.device.index or 0)
     num_programs = min(num_tiles, sms)
     norm_linear_kernel[(num_programs,)](
         TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
@@ -185,7 +185,7 @@ def norm_linear(
         GROUP_M=cfg.group_m,
         NUM_PROGRAMS=num_programs,
         GELU=gelu,
-        FAST_TANH=not interpreted,
+        FAST_TANH=not in_interpreter,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_stages=cfg.num_stages,
         num_warps=cfg.num_warps,

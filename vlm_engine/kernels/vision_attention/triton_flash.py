@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from vlm_engine.kernels.pdl import pdl_options, pdl_wait
-from vlm_engine.kernels.platform import cuda_capability, jit, tl, triton
+from vlm_engine.kernels.platform import cuda_capability, interpreted, jit, tl, triton
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (images x heads)
@@ -416,8 +416,8 @@ def _check_runnable(qkv: torch.Tensor) -> None:
         raise ValueError(f"qkv must be float32, bfloat16 or float16, got {qkv.dtype}")
     if qkv.stride(-1) != 1:
         raise ValueError("qkv must be contiguous in its last dimension")
-    interpreted = not isinstance(vision_attention_kernel, triton.runtime.JITFunction)
-    if not (qkv.is_cuda or interpreted):
+    in_interpreter = interpreted(vision_attention_kernel)
+    if not (qkv.is_cuda or in_interpreter):
         raise RuntimeError(
             f"vision_attention cannot run on {qkv.device}: it needs a CUDA device, or "
             "TRITON_INTERPRET=1 set before importing vlm_engine.kernels.vision_attention.triton_flash"
