@@ -142,14 +142,11 @@ def run_server(
 def server_ttft(url: str) -> tuple[float, float]:
     """The server's time-to-first-token histogram so far: (sum of seconds, count). It runs
     from a request's arrival at the engine to its first token on the server's event loop."""
+    name = "vlm_time_to_first_token_seconds"
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    values = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "vlm_time_to_first_token_seconds":
-            values = {s.name: s.value for s in family.samples}
-    return values["vlm_time_to_first_token_seconds_sum"], values[
-        "vlm_time_to_first_token_seconds_count"
-    ]
+    family = next(f for f in text_string_to_metric_families(text) if f.name == name)
+    values = {sample.name: sample.value for sample in family.samples}
+    return values[f"{name}_sum"], values[f"{name}_count"]
 
 
 def client_process(url, args, rate, part, ready, go, start, results) -> None:

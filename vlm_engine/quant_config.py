@@ -24,7 +24,7 @@ from vlm_engine.errors import ConfigError
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 # What Engine(quantization=...) takes: "fp8" quantizes the decoder's projections at load time (the
 # layout of published Gemma3 FP8-dynamic checkpoints), "fp8-all" the vision tower's linear layers
-# too (which, measured on an H100, does not make the tower faster: docs/performance.md).
+# too (which saves the tower's memory but makes it slower: docs/performance.md).
 QUANTIZATIONS = ("fp8", "fp8-all")
 
 

@@ -200,15 +200,14 @@ def test_online_fp8_from_bfloat16_weights_matches_the_library(source, tmp_path):
 
 
 def test_a_vision_tower_in_fp8_matches_transformers(fp8_vision_dir):
-    fp8_vision = fp8_vision_dir
-    ours = VisionLanguagePipeline.load(fp8_vision, dtype="float32", device=DEVICE)
+    ours = VisionLanguagePipeline.load(fp8_vision_dir, dtype="float32", device=DEVICE)
     ours.model.fuse_projections()  # the fused q/k/v of the tower in FP8 too
     tower = ours.model.vision_tower.encoder.layers[0]
     assert isinstance(tower.self_attn.qkv_proj, Fp8Linear) and isinstance(tower.mlp.fc1, Fp8Linear)
     model = Gemma3ForConditionalGeneration.from_pretrained(
-        fp8_vision, dtype=torch.float32, attn_implementation="eager"
+        fp8_vision_dir, dtype=torch.float32, attn_implementation="eager"
     )
-    hf = model.to(DEVICE).eval(), AutoProcessor.from_pretrained(fp8_vision, backend="pil")
+    hf = model.to(DEVICE).eval(), AutoProcessor.from_pretrained(fp8_vision_dir, backend="pil")
     text, sizes = CASES["two_images"]
     images = [random_image(*size) for size in sizes]
     assert rel_err(logits_of(ours, text, images), hf_logits(hf, text, images)) <= REL_TOL

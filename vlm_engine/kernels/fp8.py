@@ -64,7 +64,8 @@ def fp8_linear(
     if input_act not in (None, "gelu_tanh"):
         raise ValueError(f"unknown input activation {input_act!r}")
     rows = x.reshape(-1, x.shape[-1])
-    if uses_scaled_mm(x) and runs_on_triton(rows) and rows.stride(-1) == 1:
+    scaled_mm = uses_scaled_mm(x)
+    if scaled_mm and runs_on_triton(rows) and rows.stride(-1) == 1:
         from vlm_engine.kernels.triton_fp8 import quantize_rows
 
         # one kernel, the same values as quantize_tokens of the activated rows
@@ -72,7 +73,7 @@ def fp8_linear(
     else:
         if input_act:
             rows = F.gelu(rows, approximate="tanh")
-        if not uses_scaled_mm(x):
+        if not scaled_mm:
             return fp8_linear_ref(rows, weight, scale, bias).view(*x.shape[:-1], weight.shape[0])
         xq, x_scale = quantize_tokens(rows)
     fused_bias = bias is not None and _epilogue_takes_bias(x.device)

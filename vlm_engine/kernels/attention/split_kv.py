@@ -25,8 +25,9 @@ def merge_splits(
     NUM_SPLITS: tl.constexpr,
 ):
     """One (sequence, head)'s output [HEAD_DIM_PAD] float32 (zeros past HEAD_DIM): every split
-    rescaled to the common max, normalized once. The splits were written by other programs of the same kernel: loads go
-    through L2 (.cg), where their writes are visible once they have arrived (kernels/arrival.py)."""
+    rescaled to the common max, normalized once. The splits were written by other programs of
+    the same kernel: loads go through L2 (.cg), where their writes are visible once they have
+    arrived (kernels/arrival.py)."""
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM_PAD)
     split_max = tl.load(split_max_ptr + row * NUM_SPLITS + splits, cache_modifier=".cg")
