@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from vlm_engine.testing.redis_server import RedisServer, free_port, redis_server_binary
+from vlm_engine.testing.ports import free_port
+from vlm_engine.testing.redis_server import RedisServer, redis_server_binary
 
 
 @pytest.fixture(scope="session")

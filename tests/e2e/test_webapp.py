@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vlm_engine.demo.model import DEMO_PROMPT, default_model_path, demo_request
-from vlm_engine.testing.server_process import free_port
+from vlm_engine.testing.ports import free_port
 
 pytest.importorskip("gradio", reason="the app needs the `app` extra (gradio)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright")

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from vlm_engine.testing.server_process import free_port
+from vlm_engine.testing.ports import free_port
 
 _STARTUP_TIMEOUT_S = 10.0
 
