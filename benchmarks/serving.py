@@ -17,7 +17,8 @@ inter-token latency p50/p99, then the server's overhead against the engine (thro
 p50 time to first token), and where the server's time to first token goes: the mean at its
 clients, the mean inside the server (the engine's arrival to the first token on the server's
 event loop, from `/metrics`; the rest is HTTP, the request's parsing and the clients), and the
-mean through `AsyncEngine`.
+mean through `AsyncEngine`. Last, the fixed cost apart from load: requests sent one at a time to
+an idle engine (`--probes`), without an image and with one, through both paths.
 """
 
 from __future__ import annotations
@@ -80,16 +81,21 @@ def make_jobs(n: int, rate: float, seed: int, max_output: int) -> list[Job]:
         clock += rng.expovariate(rate)
         images = []
         for _ in range(rng.choice((0, 1, 1, 2))):
-            width, height = rng.randint(320, 1600), rng.randint(240, 1200)
-            # Smooth content (coarse noise, upscaled) in JPEG: photo-like file sizes.
-            coarse = pixels.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
-            picture = Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
-            buffer = io.BytesIO()
-            picture.save(buffer, format="JPEG", quality=90)
-            images.append(buffer.getvalue())
+            size = rng.randint(320, 1600), rng.randint(240, 1200)
+            images.append(make_picture(size, pixels))
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 160)))
         jobs.append(Job(clock, words, images, rng.randint(16, max_output)))
     return jobs
+
+
+def make_picture(size: tuple[int, int], pixels: np.random.Generator) -> bytes:
+    """Smooth content (coarse noise, upscaled) in JPEG: photo-like file sizes."""
+    width, height = size
+    coarse = pixels.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    picture = Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def chat_messages(job: Job) -> list[dict]:
@@ -154,17 +160,21 @@ def client_process(url, args, rate, part, ready, go, start, results) -> None:
     asyncio.run(_warm_up(url))
     ready.wait(timeout=300)
     go.wait(timeout=300)
-    results.put(asyncio.run(_serve_jobs(url, jobs[part :: args.client_processes], start.value)))
+    mine = jobs[part :: args.client_processes]
+    results.put(asyncio.run(_serve_jobs(_client(url), mine, start.value)))
 
 
 async def _warm_up(url: str) -> None:
     """This process's client and its connections, and one request through the server."""
     warm = make_jobs(2, 100.0, seed=12345, max_output=16)
-    await _serve_jobs(url, warm, time.perf_counter())
+    await _serve_jobs(_client(url), warm, time.perf_counter())
 
 
-async def _serve_jobs(url: str, jobs: list[Job], t0: float) -> list[Timing]:
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+def _client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+
+
+async def _serve_jobs(client: openai.AsyncOpenAI, jobs: list[Job], t0: float) -> list[Timing]:
 
     async def one(job: Job) -> Timing:
         await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
@@ -180,6 +190,40 @@ async def _serve_jobs(url: str, jobs: list[Job], t0: float) -> list[Timing]:
         return timing
 
     return list(await asyncio.gather(*(one(job) for job in jobs)))
+
+
+def make_probes(n: int) -> list[Job]:
+    """Requests sent one at a time, alternately without an image and with one 1024x768 picture:
+    the fixed cost of a request on an idle engine, apart from any load."""
+    jobs = make_jobs(n, 1.0, seed=777, max_output=16)
+    return [
+        Job(
+            0.0, job.text, [make_picture((1024, 768), np.random.default_rng(k))] if k % 2 else [], 8
+        )
+        for k, job in enumerate(jobs)
+    ]
+
+
+async def probe_server(url: str, jobs: list[Job]) -> list[Timing]:
+    client, timings = _client(url), []
+    for job in jobs:
+        timings += await _serve_jobs(client, [job], time.perf_counter())
+    return timings
+
+
+async def probe_engine(engine: AsyncEngine, jobs: list[Job]) -> list[Timing]:
+    timings = []
+    for job in jobs:
+        timings += (await _run_engine_jobs(engine, [job]))[1]
+    return timings
+
+
+def probe_ttft(timings: list[Timing]) -> tuple[float, float]:
+    """p50 time to first token (ms) of the probes without an image and with one."""
+    return tuple(
+        statistics.median((t.first - t.start) * 1e3 for t in timings if t.images == k)
+        for k in (0, 1)
+    )
 
 
 async def run_engine(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[Timing]]:
@@ -257,6 +301,9 @@ def main() -> None:
     parser.add_argument("--demo", action="store_true", help="the demo model (CPU) instead of 4B")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--probes", type=int, default=20, help="requests sent one at a time to an idle engine"
+    )
+    parser.add_argument(
         "--client-processes", type=int, default=4, help="processes the server's clients run in"
     )
     args = parser.parse_args()
@@ -285,17 +332,20 @@ def main() -> None:
             r: make_jobs(args.num_requests, r, args.seed, args.max_output) for r in rates
         }
         warm = make_jobs(8, 100.0, seed=12345, max_output=16)  # the server's first requests
-        asyncio.run(_serve_jobs(server.url, warm, time.perf_counter()))
+        asyncio.run(_serve_jobs(_client(server.url), warm, time.perf_counter()))
         served, own_ttft = {}, {}
         for rate in rates:
             elapsed, timings, own_ttft[rate] = run_server(server.url, args, rate)
             served[rate] = summary(elapsed, timings, jobs_by_rate[rate])
+        probes = make_probes(args.probes)
+        idle_server = probe_ttft(asyncio.run(probe_server(server.url, probes)))
         server.stop()
         engine = AsyncEngine(path, **engine_options)
         direct = {}
         for rate in rates:
             elapsed, timings = run_loop(run_engine(engine, jobs_by_rate[rate]))
             direct[rate] = summary(elapsed, timings, jobs_by_rate[rate])
+        idle_engine = probe_ttft(run_loop(probe_engine(engine, probes)))
         engine.shutdown()
     print(
         f"{args.num_requests} requests per rate, 0-2 images, outputs 16-{args.max_output} "
@@ -332,6 +382,18 @@ def main() -> None:
         print(
             f"| {rate:g} | {served[rate]['ttft_mean']:.1f} | {own_ttft[rate]:.1f} | "
             f"{direct[rate]['ttft_mean']:.1f} |"
+        )
+
+    print(
+        f"\nIdle engine, {args.probes} requests one at a time (8 output tokens): "
+        "p50 time to first token (ms)"
+    )
+    print("| request | server | AsyncEngine | server - engine |")
+    print("|---|---:|---:|---:|")
+    for k, name in enumerate(("no image", "one 1024x768 JPEG")):
+        print(
+            f"| {name} | {idle_server[k]:.1f} | {idle_engine[k]:.1f} | "
+            f"{idle_server[k] - idle_engine[k]:+.1f} |"
         )
 
 
