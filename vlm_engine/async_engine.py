@@ -200,9 +200,12 @@ class EngineThread:
     """The one thread that touches the `Engine`: it runs the calls it is given in order and,
     whenever a request is unfinished, steps the engine between them. Each step's outputs go to
     the event loop of the requests they belong to, in one call of `deliver` per loop; the next
-    step waits until the loops have taken them, or `LOOP_WAIT_S` has passed."""
+    step waits until the loops have taken them, or `LOOP_WAIT_S` has passed. While a core in its
+    own process computes a step, calls still run (a new request reaches the core during that
+    step, not after it)."""
 
     LOOP_WAIT_S = 0.05
+    CALL_WAIT_S = 0.001  # slices of waiting for a core process's step, calls taken in between
     MAX_CATCH_UP = 32  # steps of a core process taken into one delivery at most
 
     def __init__(self, deliver: Callable[[list[tuple[str, Item]]], None]) -> None:
@@ -268,6 +271,8 @@ class EngineThread:
             if self._stopped:
                 return
             if self._busy() and (not untaken or time.monotonic() >= deadline):
+                if not self.engine.wait_for_step(self.CALL_WAIT_S):
+                    continue  # a core process is still on its step: take calls meanwhile
                 untaken = self._step()
                 deadline = time.monotonic() + self.LOOP_WAIT_S
 

@@ -275,6 +275,12 @@ class Engine:
         this frontend in its own process): a caller that fell behind can catch up at once."""
         return self.core.has_ready_step()
 
+    def wait_for_step(self, timeout: float) -> bool:
+        """Whether `step()` can run without waiting on a core in its own process, after up to
+        `timeout` seconds of waiting for it (always True for a core in this process): a caller
+        with other work can wait in short slices and do it in between."""
+        return self.core.wait_for_step(timeout)
+
     def abort_request(self, request_id: str | Sequence[str]) -> list[RequestOutput]:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         aborted = []

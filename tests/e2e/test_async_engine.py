@@ -4,6 +4,8 @@ input raises its typed error, and closing ends pending streams."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -207,3 +209,37 @@ def test_one_engine_serves_one_event_loop_after_another(checkpoint):
     finally:
         engine.shutdown()
     assert first[0] == second[0] and len(first[0]) == 6
+
+
+def test_a_request_reaches_the_core_process_while_it_is_on_a_step(checkpoint):
+    """While the core process computes a step, the engine's thread still queues new requests:
+    with the core frozen mid-run (SIGSTOP), adding a request returns at once; had the thread
+    waited for the step's outputs first, it would wait until the core resumes."""
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def run():
+        async with make_engine(checkpoint, core_process=True) as engine:
+            alone = await collect(engine, PROMPTS[2], short)
+            core = engine.engine.core.process
+            stream = await engine.add_request(PROMPTS[1], long)  # hundreds of steps ahead
+            os.kill(core.pid, signal.SIGSTOP)
+            try:
+                second = await asyncio.wait_for(engine.add_request(PROMPTS[2], short), 10)
+            finally:
+                os.kill(core.pid, signal.SIGCONT)
+            outputs = [b async for b in batches(stream)]
+            later = [b async for b in batches(second)]
+            return alone, outputs, later
+
+    alone, outputs, later = asyncio.run(run())
+    assert sum(len(out.token_ids) for batch in outputs for out in batch) == 200
+    assert [t for batch in later for out in batch for t in out.token_ids] == alone[0]
+
+
+async def batches(stream):
+    try:
+        while batch := await stream.next_batch():
+            yield batch
+    finally:
+        await stream.aclose()

@@ -48,6 +48,13 @@ class CoreClient(abc.ABC):
         process, whose `step()` runs the step."""
         return False
 
+    def wait_for_step(self, timeout: float) -> bool:
+        """Whether `step()` can run without waiting on another process, after waiting up to
+        `timeout` seconds for that: always for a core in this process (its `step()` computes
+        the step); for a core in its own process, once the step's outputs have come (or the
+        core has died, which `step()` then reports)."""
+        return True
+
     @abc.abstractmethod
     def stats(self) -> dict[str, Any]: ...
 

@@ -142,6 +142,11 @@ class ProcessClient(CoreClient):
             self._receive_one()
         return bool(self._steps)
 
+    def wait_for_step(self, timeout: float) -> bool:
+        if self._steps or self.error is not None or self.process.poll() is not None:
+            return True
+        return bool(self._outbox.poll(max(1, round(timeout * 1000))))  # step() receives it
+
     def stats(self) -> dict[str, Any]:
         return self._call("stats")
 
