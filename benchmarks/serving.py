@@ -184,7 +184,7 @@ async def _serve_jobs(client: openai.AsyncOpenAI, jobs: list[Job], t0: float) ->
             stream=True, extra_body={"ignore_eos": True, "min_tokens": job.output_len},
         )  # fmt: skip
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
+            if chunk.choices and chunk.choices[0].delta.role is None:  # a token's chunk
                 stamp(timing)
         timing.end = time.perf_counter()
         return timing
@@ -239,7 +239,7 @@ async def _run_engine_jobs(engine: AsyncEngine, jobs: list[Job]) -> tuple[float,
             temperature=0, max_tokens=job.output_len, min_tokens=job.output_len, ignore_eos=True
         )
         async for delta in engine.generate(engine_messages(job), params):
-            if delta.text:
+            if delta.token_ids:
                 stamp(timing)
         timing.end = time.perf_counter()
         return timing
