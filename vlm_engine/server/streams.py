@@ -286,8 +286,11 @@ class ChatStream(RequestRun):
         }  # fmt: skip
 
     async def events(self) -> AsyncIterator[str]:
+        """Each string is one write to the client: the role chunk goes out with the first
+        delta, and the last delta with the usage chunk and `[DONE]` (the same events, fewer
+        writes)."""
         roles = [chat_choice(i, "", role="assistant") for i in range(self.n)]
-        yield sse(self._chunk(roles))
+        unsent = sse(self._chunk(roles))
         head = chat_chunk_head(self.id, self.created, self.config.model_name)
         last: RequestOutput | None = None
         completion_tokens = 0
@@ -308,12 +311,15 @@ class ChatStream(RequestRun):
                     )  # fmt: skip
                 )
             if choices:
-                yield head + ",".join(choices) + CHUNK_TAIL
+                unsent += head + ",".join(choices) + CHUNK_TAIL
+            if unsent and not out.finished:
+                yield unsent
+                unsent = ""
         if self._include_usage(self.request) and last is not None:
             cached = max(last.num_cached_tokens, 0)
             usage = translate.usage_of(last.num_prompt_tokens, completion_tokens, cached)
-            yield sse(self._chunk([], usage))
-        yield DONE
+            unsent += sse(self._chunk([], usage))
+        yield unsent + DONE
 
 
 class CompletionStream(RequestRun):
@@ -395,5 +401,6 @@ class CompletionStream(RequestRun):
                 id=self.id, created=self.created, model=self.config.model_name, choices=[],
                 usage=usage,
             )  # fmt: skip
-            yield sse(chunk.model_dump())
+            yield sse(chunk.model_dump()) + DONE  # one write
+            return
         yield DONE
