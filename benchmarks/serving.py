@@ -7,7 +7,9 @@ drawn between 320x240 and 1600x1200), a prompt of 8-160 words and a fixed output
 from 16-256 tokens (`ignore_eos`, `min_tokens`, so random weights stop nowhere else). Every
 request streams; per request the time to first token, the gaps between tokens, and the end.
 The server's clients are spread over several processes (`--client-processes`), so that reading
-the streams with the official client never becomes the bottleneck being measured.
+the streams with the official client never becomes the bottleneck being measured; `--client
+httpx` sends the same requests through httpx and reads the events with json alone, which leaves
+the official client's own cost out.
 
     python benchmarks/serving.py                         # Gemma3-4B shape, random weights, GPU
     python benchmarks/serving.py --demo --rates 2,4 --num-requests 40      # the demo model, CPU
@@ -27,6 +29,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import multiprocessing
 import random
 import statistics
@@ -157,35 +160,73 @@ def server_ttft(url: str) -> tuple[float, float]:
 
 def client_process(url, args, rate, part, ready, go, start, results) -> None:
     jobs = make_jobs(args.num_requests, rate, args.seed, args.max_output)
-    asyncio.run(_warm_up(url))
+    asyncio.run(_warm_up(url, args.client))
     ready.wait(timeout=300)
     go.wait(timeout=300)
     mine = jobs[part :: args.client_processes]
-    results.put(asyncio.run(_serve_jobs(_client(url), mine, start.value)))
+    results.put(asyncio.run(_serve_jobs(_client(url, args.client), mine, start.value)))
 
 
-async def _warm_up(url: str) -> None:
+async def _warm_up(url: str, kind: str) -> None:
     """This process's client and its connections, and one request through the server."""
     warm = make_jobs(2, 100.0, seed=12345, max_output=16)
-    await _serve_jobs(_client(url), warm, time.perf_counter())
+    await _serve_jobs(_client(url, kind), warm, time.perf_counter())
 
 
-def _client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+class OpenAIClient:
+    """The official client: what applications use, its own parsing included."""
 
+    def __init__(self, url: str):
+        self.client = openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600
+        )
 
-async def _serve_jobs(client: openai.AsyncOpenAI, jobs: list[Job], t0: float) -> list[Timing]:
-
-    async def one(job: Job) -> Timing:
-        await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
-        timing = Timing(time.perf_counter(), images=len(job.images))
-        stream = await client.chat.completions.create(
+    async def stream(self, job: Job, timing: Timing) -> None:
+        stream = await self.client.chat.completions.create(
             model=MODEL, messages=chat_messages(job), max_tokens=job.output_len, temperature=0,
             stream=True, extra_body={"ignore_eos": True, "min_tokens": job.output_len},
         )  # fmt: skip
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.role is None:  # a token's chunk
                 stamp(timing)
+
+
+class HttpxClient:
+    """The same request body on the wire, read with httpx and json alone: the server's share
+    without the official client's own cost."""
+
+    def __init__(self, url: str):
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self.http = httpx.AsyncClient(base_url=url, timeout=600, limits=limits)
+
+    async def stream(self, job: Job, timing: Timing) -> None:
+        body = {
+            "model": MODEL, "messages": chat_messages(job), "max_tokens": job.output_len,
+            "temperature": 0, "stream": True, "ignore_eos": True, "min_tokens": job.output_len,
+        }  # fmt: skip
+        async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    choices = json.loads(line[6:])["choices"]
+                    if choices and choices[0]["delta"].get("role") is None:
+                        stamp(timing)
+
+
+CLIENTS = {"openai": OpenAIClient, "httpx": HttpxClient}
+
+
+def _client(url: str, kind: str = "openai") -> OpenAIClient | HttpxClient:
+    return CLIENTS[kind](url)
+
+
+async def _serve_jobs(
+    client: OpenAIClient | HttpxClient, jobs: list[Job], t0: float
+) -> list[Timing]:
+    async def one(job: Job) -> Timing:
+        await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
+        timing = Timing(time.perf_counter(), images=len(job.images))
+        await client.stream(job, timing)
         timing.end = time.perf_counter()
         return timing
 
@@ -204,8 +245,8 @@ def make_probes(n: int) -> list[Job]:
     ]
 
 
-async def probe_server(url: str, jobs: list[Job]) -> list[Timing]:
-    client, timings = _client(url), []
+async def probe_server(url: str, jobs: list[Job], kind: str) -> list[Timing]:
+    client, timings = _client(url, kind), []
     for job in jobs:
         timings += await _serve_jobs(client, [job], time.perf_counter())
     return timings
@@ -306,6 +347,11 @@ def main() -> None:
     parser.add_argument(
         "--client-processes", type=int, default=4, help="processes the server's clients run in"
     )
+    parser.add_argument(
+        "--client", choices=sorted(CLIENTS), default="openai",
+        help="the server's client: the official openai client, or the same requests through "
+        "httpx and json alone (the server's share without the client's own cost)",
+    )  # fmt: skip
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -332,13 +378,13 @@ def main() -> None:
             r: make_jobs(args.num_requests, r, args.seed, args.max_output) for r in rates
         }
         warm = make_jobs(8, 100.0, seed=12345, max_output=16)  # the server's first requests
-        asyncio.run(_serve_jobs(_client(server.url), warm, time.perf_counter()))
+        asyncio.run(_serve_jobs(_client(server.url, args.client), warm, time.perf_counter()))
         served, own_ttft = {}, {}
         for rate in rates:
             elapsed, timings, own_ttft[rate] = run_server(server.url, args, rate)
             served[rate] = summary(elapsed, timings, jobs_by_rate[rate])
         probes = make_probes(args.probes)
-        idle_server = probe_ttft(asyncio.run(probe_server(server.url, probes)))
+        idle_server = probe_ttft(asyncio.run(probe_server(server.url, probes, args.client)))
         server.stop()
         engine = AsyncEngine(path, **engine_options)
         direct = {}
@@ -349,7 +395,7 @@ def main() -> None:
         engine.shutdown()
     print(
         f"{args.num_requests} requests per rate, 0-2 images, outputs 16-{args.max_output} "
-        f"tokens; the server's clients in {args.client_processes} processes"
+        f"tokens; the server's {args.client} clients in {args.client_processes} processes"
     )
     print(
         "| rate req/s | path | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
