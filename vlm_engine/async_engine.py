@@ -53,6 +53,8 @@ Item = RequestOutput | BaseException
 class AsyncEngine:
     def __init__(self, checkpoint_dir: str | Path, **options: Any):
         self._thread = EngineThread(self._deliver)
+        # The `Engine` underneath: read its configuration freely, but anything that queues,
+        # steps or asks it (its core included) must run on its thread, through this class.
         self.engine: Engine = self._thread.call(Engine, checkpoint_dir, **options).result()
         self._thread.engine = self.engine
         self._frontend = concurrent.futures.ThreadPoolExecutor(

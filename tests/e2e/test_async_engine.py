@@ -56,8 +56,9 @@ def test_concurrent_streams_match_the_blocking_engine(checkpoint, core_process):
     async def run():
         async with make_engine(checkpoint, core_process) as engine:
             results = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
-            expected = engine.engine.generate(prompts, params)  # same engine, after the streams
-            assert engine.engine.core.all_blocks_free()
+            # The same engine after the streams, on its own thread (no other may touch it).
+            expected = await engine._call(engine.engine.generate, prompts, params)
+            assert await engine._call(engine.engine.core.all_blocks_free)
             return results, expected
 
     results, expected = asyncio.run(run())
