@@ -393,6 +393,7 @@ class CompletionStream(RequestRun):
                         "choices": choices,
                     }  # fmt: skip
                 )
+        usage_chunk = ""
         if self._include_usage(self.request):
             usage = translate.usage_of(
                 sum(prompt_tokens.values()), completion_tokens, sum(cached_tokens.values())
@@ -401,6 +402,5 @@ class CompletionStream(RequestRun):
                 id=self.id, created=self.created, model=self.config.model_name, choices=[],
                 usage=usage,
             )  # fmt: skip
-            yield sse(chunk.model_dump()) + DONE  # one write
-            return
-        yield DONE
+            usage_chunk = sse(chunk.model_dump())
+        yield usage_chunk + DONE  # one write
