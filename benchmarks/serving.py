@@ -20,101 +20,44 @@ p50 time to first token), and where the server's time to first token goes: the m
 clients, the mean inside the server (the engine's arrival to the first token on the server's
 event loop, from `/metrics`; the rest is HTTP, the request's parsing and the clients), and the
 mean through `AsyncEngine`. Last, the fixed cost apart from load: requests sent one at a time to
-an idle engine (`--probes`), without an image and with one, through both paths.
+an idle engine (`--probes`), without an image and with one, through both paths. The jobs and
+the clients that send them are in `serving_clients.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
-import json
 import multiprocessing
-import random
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
-import openai  # noqa: E402
 from gpu_runtime import GEMMA3_4B  # noqa: E402
+from serving_clients import (  # noqa: E402
+    CLIENTS,
+    MODEL,
+    EngineClient,
+    Job,
+    Timing,
+    make_client,
+    make_jobs,
+    make_probes,
+    probe,
+    send_jobs,
+)
 
-from vlm_engine import AsyncEngine, SamplingParams  # noqa: E402
+from vlm_engine import AsyncEngine  # noqa: E402
 from vlm_engine.demo.model import default_model_path  # noqa: E402
 from vlm_engine.testing import make_tiny_checkpoint  # noqa: E402
-from vlm_engine.testing.samples import WORDS  # noqa: E402
 from vlm_engine.testing.server_process import ServerProcess  # noqa: E402
-
-MODEL = "bench"
-
-
-@dataclass(frozen=True)
-class Job:
-    arrival: float  # seconds after the start
-    text: str
-    images: list[bytes]
-    output_len: int
-
-
-@dataclass
-class Timing:
-    start: float
-    first: float | None = None
-    stamps: list[float] = field(default_factory=list)  # when each token's chunk came
-    tokens: int = 0
-    end: float = 0.0
-    images: int = 0
-
-
-def make_jobs(n: int, rate: float, seed: int, max_output: int) -> list[Job]:
-    rng = random.Random(seed)
-    pixels = np.random.default_rng(seed)
-    jobs, clock = [], 0.0
-    for _ in range(n):
-        clock += rng.expovariate(rate)
-        images = []
-        for _ in range(rng.choice((0, 1, 1, 2))):
-            size = rng.randint(320, 1600), rng.randint(240, 1200)
-            images.append(make_picture(size, pixels))
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 160)))
-        jobs.append(Job(clock, words, images, rng.randint(16, max_output)))
-    return jobs
-
-
-def make_picture(size: tuple[int, int], pixels: np.random.Generator) -> bytes:
-    """Smooth content (coarse noise, upscaled) in JPEG: photo-like file sizes."""
-    width, height = size
-    coarse = pixels.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
-    picture = Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def chat_messages(job: Job) -> list[dict]:
-    parts = [
-        {
-            "type": "image_url",
-            "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(i).decode()},
-        }
-        for i in job.images
-    ]
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": job.text}]}]
-
-
-def engine_messages(job: Job) -> dict:
-    parts = [{"type": "image", "image": image} for image in job.images]
-    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": job.text}]}]}
 
 
 def run_server(
@@ -164,99 +107,13 @@ def client_process(url, args, rate, part, ready, go, start, results) -> None:
     ready.wait(timeout=300)
     go.wait(timeout=300)
     mine = jobs[part :: args.client_processes]
-    results.put(asyncio.run(_serve_jobs(_client(url, args.client), mine, start.value)))
+    results.put(asyncio.run(send_jobs(make_client(url, args.client), mine, start.value)))
 
 
 async def _warm_up(url: str, kind: str) -> None:
     """This process's client and its connections, and one request through the server."""
     warm = make_jobs(2, 100.0, seed=12345, max_output=16)
-    await _serve_jobs(_client(url, kind), warm, time.perf_counter())
-
-
-class OpenAIClient:
-    """The official client: what applications use, its own parsing included."""
-
-    def __init__(self, url: str):
-        self.client = openai.AsyncOpenAI(
-            base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600
-        )
-
-    async def stream(self, job: Job, timing: Timing) -> None:
-        stream = await self.client.chat.completions.create(
-            model=MODEL, messages=chat_messages(job), max_tokens=job.output_len, temperature=0,
-            stream=True, extra_body={"ignore_eos": True, "min_tokens": job.output_len},
-        )  # fmt: skip
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.role is None:  # a token's chunk
-                stamp(timing)
-
-
-class HttpxClient:
-    """The same request body on the wire, read with httpx and json alone: the server's share
-    without the official client's own cost."""
-
-    def __init__(self, url: str):
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self.http = httpx.AsyncClient(base_url=url, timeout=600, limits=limits)
-
-    async def stream(self, job: Job, timing: Timing) -> None:
-        body = {
-            "model": MODEL, "messages": chat_messages(job), "max_tokens": job.output_len,
-            "temperature": 0, "stream": True, "ignore_eos": True, "min_tokens": job.output_len,
-        }  # fmt: skip
-        async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
-                    choices = json.loads(line[6:])["choices"]
-                    if choices and choices[0]["delta"].get("role") is None:
-                        stamp(timing)
-
-
-CLIENTS = {"openai": OpenAIClient, "httpx": HttpxClient}
-
-
-def _client(url: str, kind: str = "openai") -> OpenAIClient | HttpxClient:
-    return CLIENTS[kind](url)
-
-
-async def _serve_jobs(
-    client: OpenAIClient | HttpxClient, jobs: list[Job], t0: float
-) -> list[Timing]:
-    async def one(job: Job) -> Timing:
-        await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
-        timing = Timing(time.perf_counter(), images=len(job.images))
-        await client.stream(job, timing)
-        timing.end = time.perf_counter()
-        return timing
-
-    return list(await asyncio.gather(*(one(job) for job in jobs)))
-
-
-def make_probes(n: int) -> list[Job]:
-    """Requests sent one at a time, alternately without an image and with one 1024x768 picture:
-    the fixed cost of a request on an idle engine, apart from any load."""
-    jobs = make_jobs(n, 1.0, seed=777, max_output=16)
-    return [
-        Job(
-            0.0, job.text, [make_picture((1024, 768), np.random.default_rng(k))] if k % 2 else [], 8
-        )
-        for k, job in enumerate(jobs)
-    ]
-
-
-async def probe_server(url: str, jobs: list[Job], kind: str) -> list[Timing]:
-    client, timings = _client(url, kind), []
-    for job in jobs:
-        timings += await _serve_jobs(client, [job], time.perf_counter())
-    return timings
-
-
-async def probe_engine(engine: AsyncEngine, jobs: list[Job]) -> list[Timing]:
-    timings = []
-    for job in jobs:
-        timings += (await _run_engine_jobs(engine, [job]))[1]
-    return timings
+    await send_jobs(make_client(url, kind), warm, time.perf_counter())
 
 
 def probe_ttft(timings: list[Timing]) -> tuple[float, float]:
@@ -268,26 +125,12 @@ def probe_ttft(timings: list[Timing]) -> tuple[float, float]:
 
 
 async def run_engine(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[Timing]]:
-    await _run_engine_jobs(engine, make_jobs(8, 100.0, seed=12345, max_output=16))  # warm-up
-    return await _run_engine_jobs(engine, jobs)
-
-
-async def _run_engine_jobs(engine: AsyncEngine, jobs: list[Job]) -> tuple[float, list[Timing]]:
-    async def one(job: Job, t0: float) -> Timing:
-        await asyncio.sleep(max(0.0, t0 + job.arrival - time.perf_counter()))
-        timing = Timing(time.perf_counter(), images=len(job.images))
-        params = SamplingParams(
-            temperature=0, max_tokens=job.output_len, min_tokens=job.output_len, ignore_eos=True
-        )
-        async for delta in engine.generate(engine_messages(job), params):
-            if delta.token_ids:
-                stamp(timing)
-        timing.end = time.perf_counter()
-        return timing
-
+    client = EngineClient(engine)
+    warm = make_jobs(8, 100.0, seed=12345, max_output=16)
+    await send_jobs(client, warm, time.perf_counter())
     t0 = time.perf_counter()
-    timings = await asyncio.gather(*(one(job, t0) for job in jobs))
-    return max(t.end for t in timings) - t0, list(timings)
+    timings = await send_jobs(client, jobs, t0)
+    return max(t.end for t in timings) - t0, timings
 
 
 def run_loop(coroutine):
@@ -298,13 +141,6 @@ def run_loop(coroutine):
     except ImportError:
         return asyncio.run(coroutine)
     return uvloop.run(coroutine)
-
-
-def stamp(timing: Timing) -> None:
-    now = time.perf_counter()
-    timing.first = timing.first or now
-    timing.stamps.append(now)
-    timing.tokens += 1
 
 
 def summary(elapsed: float, timings: list[Timing], jobs: list[Job]) -> dict[str, float]:
@@ -378,20 +214,22 @@ def main() -> None:
             r: make_jobs(args.num_requests, r, args.seed, args.max_output) for r in rates
         }
         warm = make_jobs(8, 100.0, seed=12345, max_output=16)  # the server's first requests
-        asyncio.run(_serve_jobs(_client(server.url, args.client), warm, time.perf_counter()))
+        asyncio.run(send_jobs(make_client(server.url, args.client), warm, time.perf_counter()))
         served, own_ttft = {}, {}
         for rate in rates:
             elapsed, timings, own_ttft[rate] = run_server(server.url, args, rate)
             served[rate] = summary(elapsed, timings, jobs_by_rate[rate])
         probes = make_probes(args.probes)
-        idle_server = probe_ttft(asyncio.run(probe_server(server.url, probes, args.client)))
+        idle_server = probe_ttft(
+            asyncio.run(probe(lambda: make_client(server.url, args.client), probes))
+        )
         server.stop()
         engine = AsyncEngine(path, **engine_options)
         direct = {}
         for rate in rates:
             elapsed, timings = run_loop(run_engine(engine, jobs_by_rate[rate]))
             direct[rate] = summary(elapsed, timings, jobs_by_rate[rate])
-        idle_engine = probe_ttft(run_loop(probe_engine(engine, probes)))
+        idle_engine = probe_ttft(run_loop(probe(lambda: EngineClient(engine), probes)))
         engine.shutdown()
     print(
         f"{args.num_requests} requests per rate, 0-2 images, outputs 16-{args.max_output} "
